@@ -1,0 +1,124 @@
+"""Attention backends: what the user may ask for, whether this machine has it, and applying it
+to one model only.
+
+The choice is written on the model's own attention processors (`_attention_backend`), which
+diffusers' dispatcher prefers over its process-wide default, and restored afterwards, so two
+workflows in one ComfyUI process never see each other's choice.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
+
+import torch
+from torch import nn
+
+from .errors import ZImageError
+
+class AttentionBackend(str, Enum):
+    AUTO = "auto"
+    SDPA = "sdpa"
+    SDPA_FLASH = "sdpa_flash"
+    SDPA_CUDNN = "sdpa_cudnn"
+    SDPA_EFFICIENT = "sdpa_efficient"
+    SDPA_MATH = "sdpa_math"
+    FLEX = "flex"
+    XFORMERS = "xformers"
+    FLASH_ATTN = "flash_attn"
+    SAGE = "sage"
+
+# The name of each backend in diffusers' attention dispatcher.
+DIFFUSERS_NAME = {
+    AttentionBackend.SDPA: "native",
+    AttentionBackend.SDPA_FLASH: "_native_flash",
+    AttentionBackend.SDPA_CUDNN: "_native_cudnn",
+    AttentionBackend.SDPA_EFFICIENT: "_native_efficient",
+    AttentionBackend.SDPA_MATH: "_native_math",
+    AttentionBackend.FLEX: "flex",
+    AttentionBackend.XFORMERS: "xformers",
+    AttentionBackend.FLASH_ATTN: "flash",
+    AttentionBackend.SAGE: "sage",
+}
+
+# (import name, pip name, lowest version diffusers accepts)
+_PACKAGES = {
+    AttentionBackend.XFORMERS: ("xformers", "xformers", "0.0.29"),
+    AttentionBackend.FLASH_ATTN: ("flash_attn", "flash-attn", "2.6.3"),
+    AttentionBackend.SAGE: ("sageattention", "sageattention", "2.1.1"),
+}
+_NEEDS_CUDA = {AttentionBackend.SDPA_FLASH, AttentionBackend.SDPA_CUDNN, AttentionBackend.SDPA_EFFICIENT,
+               AttentionBackend.XFORMERS, AttentionBackend.FLASH_ATTN, AttentionBackend.SAGE}
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split("+")[0].split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+def why_unavailable(backend: AttentionBackend, device: torch.device) -> str | None:
+    """None if `backend` can run on `device` here; otherwise the reason and how to fix it."""
+    if backend in (AttentionBackend.AUTO, AttentionBackend.SDPA, AttentionBackend.SDPA_MATH):
+        return None
+    if backend in _PACKAGES:
+        module, pip_name, lowest = _PACKAGES[backend]
+        if importlib.util.find_spec(module) is None:
+            return f"the package {pip_name} is not installed; install it with `pip install {pip_name}>={lowest}` " \
+                   f"(built for your torch and CUDA), or pick another attention backend"
+        have = importlib.metadata.version(pip_name)
+        if _version_tuple(have) < _version_tuple(lowest):
+            return f"{pip_name} {have} is installed but {lowest} or newer is needed; " \
+                   f"upgrade with `pip install -U {pip_name}>={lowest}`"
+    if backend == AttentionBackend.FLEX and not hasattr(torch.nn.attention, "flex_attention"):
+        try:
+            importlib.import_module("torch.nn.attention.flex_attention")
+        except ImportError:
+            return f"flex attention needs torch >= 2.5 (this is {torch.__version__})"
+    if backend in _NEEDS_CUDA and device.type != "cuda":
+        return f"{backend.value} runs on NVIDIA GPUs only and this run is on {device.type}; pick sdpa"
+    return None
+
+def resolve(backend: AttentionBackend | str, device: torch.device) -> AttentionBackend:
+    """The backend that will run: `auto` becomes a concrete choice; an unavailable one is an error."""
+    backend = AttentionBackend(backend)
+    if backend == AttentionBackend.AUTO:
+        # Measured on an H100 (shared/FACTS.md): PyTorch's own SDPA choice is the fastest of the
+        # SDPA variants for this model (1.52 s/image vs cudnn 1.57, flash 1.61); on CPU it is the
+        # only sensible one.
+        return AttentionBackend.SDPA
+    reason = why_unavailable(backend, device)
+    if reason:
+        raise ZImageError(f"attention backend '{backend.value}' is not available", where="sampler input 'attention'",
+                          found=reason.split(";")[0], fix=reason.split(";", 1)[-1].strip() + ".")
+    return backend
+
+def _processors(model: nn.Module) -> Iterator[object]:
+    for m in model.modules():
+        proc = getattr(m, "processor", None)
+        if proc is not None and hasattr(type(proc), "_attention_backend"):
+            yield proc
+
+@contextmanager
+def attention_backend(model: nn.Module, backend: AttentionBackend) -> Iterator[None]:
+    """Run `model` with `backend` inside the block; the model's previous setting comes back after."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    name = AttentionBackendName(DIFFUSERS_NAME[backend])
+    procs = list(_processors(model))
+    before = [p.__dict__.get("_attention_backend", _UNSET) for p in procs]
+    for p in procs:
+        p._attention_backend = name
+    try:
+        yield
+    finally:
+        for p, old in zip(procs, before):
+            if old is _UNSET:
+                p.__dict__.pop("_attention_backend", None)
+            else:
+                p._attention_backend = old
+
+_UNSET = object()

@@ -1,0 +1,102 @@
+"""Text-to-image steps over the loaded parts: denoise a LATENT, decode it to an IMAGE."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import attention, sampling
+from .errors import ZImageError
+from .runtime import ComponentHandle, ZImagePipelineParts, free_device_cache
+
+
+class Velocity:
+    """The transformer as the sampler sees it: flow velocity in float32, CFG applied."""
+
+    def __init__(self, transformer: nn.Module, positive: torch.Tensor, negative: torch.Tensor | None,
+                 cfg: float, device: torch.device, dtype: torch.dtype):
+        self.transformer, self.cfg, self.device, self.dtype = transformer, cfg, device, dtype
+        self.positive = positive.to(device, dtype)
+        self.negative = negative.to(device, dtype) if negative is not None and cfg > 1.0 else None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        frames = list(x.to(self.dtype).unsqueeze(2).unbind(0))
+        caps = [self.positive] * b
+        if self.negative is not None:
+            frames, caps, t = frames + frames, caps + [self.negative] * b, t.repeat(2)
+        out = self.transformer(frames, t, caps, return_dict=False)[0]
+        out = torch.stack([o.float() for o in out]).squeeze(2)
+        if self.negative is not None:
+            pos, neg = out[:b], out[b:]
+            out = pos + (self.cfg - 1.0) * (pos - neg)  # diffusers' guidance g = cfg - 1
+        return -out
+
+
+@dataclass
+class DenoiseReport:
+    attention: str
+    seconds_per_step: float
+    steps: int
+    plan: str
+
+
+def check_features(feats: torch.Tensor, width: int, what: str) -> None:
+    if feats.ndim != 2 or feats.shape[-1] != width:
+        raise ZImageError(f"the {what} conditioning does not fit this model", where=f"sampler input '{what}'",
+                          expected=f"Qwen3-4B caption features of width {width}",
+                          found=f"features of shape {list(feats.shape)}",
+                          fix="encode the prompt with Z-Image Text Encode (or CLIPLoader type lumina2 with "
+                              "qwen_3_4b.safetensors).")
+
+
+def denoise(parts: ZImagePipelineParts, positive: torch.Tensor, negative: torch.Tensor | None,
+            latent: torch.Tensor, seed: int, steps: int = 9, cfg: float = 1.0, shift: float = 3.0,
+            sampler: str = "euler", denoise: float = 1.0, attention_backend: str = "auto",
+            hooks: sampling.StepHooks | None = None) -> tuple[torch.Tensor, DenoiseReport]:
+    """Sample a LATENT (ComfyUI convention) from caption features `positive` [tokens, width]."""
+    rt = parts.runtime
+    backend = attention.resolve(attention_backend, rt.device)
+    sampling.validate(steps, latent.shape[-2] * 8, latent.shape[-1] * 8, denoise)
+    width = parts.transformer.component.config["cap_feat_dim"]
+    check_features(positive, width, "positive")
+    if cfg > 1.0 and negative is None:
+        negative = parts.text_encoder.encode("")  # the pipeline's default negative prompt
+    if negative is not None:
+        check_features(negative, width, "negative")
+    hooks = hooks or sampling.StepHooks()
+    times: list[float] = []
+
+    def timed(i: int, n: int, x0: torch.Tensor) -> None:
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize(rt.device)
+        times.append(time.perf_counter())
+        hooks.on_step(i, n, x0)
+
+    try:
+        with parts.transformer.on_device() as tr, attention.attention_backend(tr, backend):
+            v = Velocity(tr, positive, negative, cfg, rt.device, rt.dtype)
+            start = time.perf_counter()
+            out = sampling.sample(v, latent, seed, steps, sampler, shift, denoise,
+                                  sampling.StepHooks(hooks.check_interrupt, timed))
+    except BaseException:
+        free_device_cache(rt.device)  # activations of the failed step
+        raise
+    per_step = (times[-1] - start) / len(times)
+    return out, DenoiseReport(backend.value, per_step, steps, rt.plan.summary())
+
+
+@torch.no_grad()
+def decode(vae: ComponentHandle, latent: torch.Tensor) -> torch.Tensor:
+    """LATENT [B,16,h,w] -> IMAGE float32 [B,H,W,3] in 0..1, on the CPU."""
+    if latent.ndim != 4 or latent.shape[1] != sampling.LATENT_CHANNELS:
+        raise ZImageError("the latent is not a Flux-VAE latent", where="decode input 'samples'",
+                          expected=f"[batch, {sampling.LATENT_CHANNELS}, height/8, width/8]",
+                          found=str(list(latent.shape)), fix="decode SD/SDXL latents with their own VAE.")
+    with vae.on_device() as m:
+        z = latent.to(vae.runtime.device, next(m.parameters()).dtype)
+        img = m.decode(z, return_dict=False)[0]
+        img = (img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu()
+    return img

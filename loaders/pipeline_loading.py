@@ -1,0 +1,52 @@
+"""Loading all three components for a device and VRAM budget: the one entry point the loader
+node and the command line share."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import component_loading
+from .errors import ZImageError
+from .placement import plan_components
+from .runtime import ComponentHandle, Runtime, TextEncoderHandle, ZImagePipelineParts
+from .tokenizer import load_tokenizer, tokenizer_folder
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_parts(model: str, text_encoder: str | None = None, vae: str | None = None, vram_budget_gb: float = 0.0,
+               device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+               comfy_tokenizer: str | None = None) -> ZImagePipelineParts:
+    """Open the transformer `model` (a single file or a diffusers folder), the text encoder and the
+    VAE (None = from the diffusers folder `model`), and plan them for `device` and the budget.
+
+    Weights stay memory-mapped on the CPU here; GPU copies are made when a step first needs them.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or torch.bfloat16
+    # fp16 VAE decodes overflow to NaN (black images); bf16 is as fast on GPUs, fp32 on CPUs.
+    vae_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for role, path in (("text encoder", text_encoder), ("VAE", vae)):
+        if path is None and not os.path.isdir(model):
+            raise ZImageError(f"no {role} was given", where=model,
+                              expected=f"a {role} file, or a diffusers model folder that contains one",
+                              found="a single transformer file",
+                              fix=f"pick the {role} file ({'qwen_3_4b' if role == 'text encoder' else 'ae'}"
+                                  ".safetensors) in the loader.")
+    t = component_loading.load_transformer(model, dtype)
+    te = component_loading.load_text_encoder(text_encoder or model, dtype)
+    v = component_loading.load_vae(vae or model, vae_dtype)
+    if te.config["hidden_size"] != t.config["cap_feat_dim"]:
+        raise ZImageError("the text encoder does not fit the transformer", where=te.path,
+                          expected=f"hidden size {t.config['cap_feat_dim']} (the transformer's caption width)",
+                          found=f"hidden size {te.config['hidden_size']}",
+                          fix="use the text encoder that belongs to this transformer (qwen_3_4b.safetensors).")
+    tok = load_tokenizer(comfy_tokenizer or tokenizer_folder(model if os.path.isdir(model) else text_encoder))
+    sizes = {"transformer": t.nbytes, "text_encoder": te.nbytes, "vae": v.nbytes}
+    plan = plan_components(sizes, device, vram_budget_gb)
+    rt = Runtime(device, dtype, vae_dtype, plan)
+    return ZImagePipelineParts(ComponentHandle("transformer", t, rt, dtype), TextEncoderHandle(te, rt, tok),
+                               ComponentHandle("vae", v, rt, vae_dtype), rt)

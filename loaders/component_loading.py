@@ -57,20 +57,20 @@ def _component_folder(path: str, sub: str) -> str | None:
 
 
 def _fill(module: nn.Module, src: WeightSource, resolve: Resolver, dtype: torch.dtype, fix: str) -> None:
-    expected = module.state_dict()
-    state, missing, misshaped = {}, [], []
-    for key, meta in expected.items():
+    # Shapes are checked from the file header before any tensor is taken, so a bad file fails
+    # with nothing read and nothing held.
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    names, missing, misshaped = {}, [], []
+    for key, shape in expected.items():
         name, transform = resolve(key)
         if name not in src:
             missing.append(name)
             continue
-        t = transform(src.get(name))
-        if tuple(t.shape) != tuple(meta.shape):
-            misshaped.append(f"{name} is {list(t.shape)}, expected {list(meta.shape)}")
+        got = tuple(transform(torch.empty(src.shapes_of(name), device="meta")).shape)
+        if got != shape:
+            misshaped.append(f"{name} is {list(got)}, expected {list(shape)}")
             continue
-        scale = _scale_of(src, name)
-        t = t.to(dtype) if scale is None else (t.to(torch.float32) * scale).to(dtype)
-        state[key] = t
+        names[key] = (name, transform)
     if missing:
         raise ZImageError(f"{len(missing)} tensor(s) the model needs are missing from the {src.role}",
                           where=src.where, expected=f"{len(expected)} tensors",
@@ -79,6 +79,11 @@ def _fill(module: nn.Module, src: WeightSource, resolve: Resolver, dtype: torch.
     if misshaped:
         raise ZImageError(f"{len(misshaped)} tensor(s) of the {src.role} have the wrong shape", where=src.where,
                           found="; ".join(misshaped[:3]) + (" ..." if len(misshaped) > 3 else ""), fix=fix)
+    state = {}
+    for key, (name, transform) in names.items():
+        t = transform(src.get(name))
+        scale = _scale_of(src, name)
+        state[key] = t.to(dtype) if scale is None else (t.to(torch.float32) * scale).to(dtype)
     module.load_state_dict(state, strict=True, assign=True)
 
 

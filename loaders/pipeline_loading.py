@@ -36,17 +36,24 @@ def load_parts(model: str, text_encoder: str | None = None, vae: str | None = No
                               found="a single transformer file",
                               fix=f"pick the {role} file ({'qwen_3_4b' if role == 'text encoder' else 'ae'}"
                                   ".safetensors) in the loader.")
-    t = component_loading.load_transformer(model, dtype)
-    te = component_loading.load_text_encoder(text_encoder or model, dtype)
-    v = component_loading.load_vae(vae or model, vae_dtype)
-    if te.config["hidden_size"] != t.config["cap_feat_dim"]:
-        raise ZImageError("the text encoder does not fit the transformer", where=te.path,
-                          expected=f"hidden size {t.config['cap_feat_dim']} (the transformer's caption width)",
-                          found=f"hidden size {te.config['hidden_size']}",
-                          fix="use the text encoder that belongs to this transformer (qwen_3_4b.safetensors).")
-    tok = load_tokenizer(comfy_tokenizer or tokenizer_folder(model if os.path.isdir(model) else text_encoder))
-    sizes = {"transformer": t.nbytes, "text_encoder": te.nbytes, "vae": v.nbytes}
-    plan = plan_components(sizes, device, vram_budget_gb)
+    t = te = v = tok = None
+    try:
+        t = component_loading.load_transformer(model, dtype)
+        te = component_loading.load_text_encoder(text_encoder or model, dtype)
+        v = component_loading.load_vae(vae or model, vae_dtype)
+        if te.config["hidden_size"] != t.config["cap_feat_dim"]:
+            raise ZImageError("the text encoder does not fit the transformer", where=te.path,
+                              expected=f"hidden size {t.config['cap_feat_dim']} (the transformer's caption width)",
+                              found=f"hidden size {te.config['hidden_size']}",
+                              fix="use the text encoder that belongs to this transformer (qwen_3_4b.safetensors).")
+        tok = load_tokenizer(comfy_tokenizer or tokenizer_folder(model if os.path.isdir(model) else text_encoder))
+        sizes = {"transformer": t.nbytes, "text_encoder": te.nbytes, "vae": v.nbytes}
+        plan = plan_components(sizes, device, vram_budget_gb)
+    except BaseException:
+        # The traceback keeps this frame alive (ComfyUI shows it); drop what was loaded so the
+        # failed load holds no weights or file mappings.
+        t = te = v = tok = None
+        raise
     rt = Runtime(device, dtype, vae_dtype, plan)
     return ZImagePipelineParts(ComponentHandle("transformer", t, rt, dtype), TextEncoderHandle(te, rt, tok),
                                ComponentHandle("vae", v, rt, vae_dtype), rt)

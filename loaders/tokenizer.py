@@ -35,12 +35,15 @@ def load_tokenizer(folder: str | None):
 
     try:
         if folder is None:
-            return AutoTokenizer.from_pretrained(HUB_REPO, subfolder="tokenizer")
-        if os.path.exists(os.path.join(folder, "tokenizer.json")) or \
-                os.path.exists(os.path.join(folder, "tokenizer_config.json")):
-            return AutoTokenizer.from_pretrained(folder)
-        from transformers import Qwen2Tokenizer
-        return Qwen2Tokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
+            try:  # the local hub cache first: offline machines should not wait for retries
+                return AutoTokenizer.from_pretrained(HUB_REPO, subfolder="tokenizer", local_files_only=True)
+            except OSError:
+                return AutoTokenizer.from_pretrained(HUB_REPO, subfolder="tokenizer")
+        # tokenizer_config.json declares the chat special tokens (<|im_start|> ...); without it
+        # they would be split into characters.
+        if not any(os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+            raise OSError("tokenizer.json or tokenizer_config.json is missing beside vocab.json")
+        return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:
         raise ZImageError("the Qwen tokenizer could not be loaded",
                           where=folder or f"the model hub ({HUB_REPO})", found=str(e).splitlines()[0][:200],

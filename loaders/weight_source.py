@@ -54,6 +54,9 @@ class WeightSource:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: f.tensors[k].shape for k, f in self._owner.items()}
 
+    def shapes_of(self, key: str) -> tuple[int, ...]:
+        return self._owner[key].tensors[key].shape
+
     def keys(self) -> list[str]:
         return list(self._owner)
 

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from ..loaders.generation import decode
+
+
+class ZImageVAEDecodeLazy:
+    """Decodes a LATENT with the Flux VAE, which stays off the GPU until now and is released after."""
+
+    DESCRIPTION = ("Decodes a Z-Image (Flux VAE) latent. The VAE is copied to the GPU only for the decode and "
+                   "freed right after, so it costs no VRAM while sampling.")
+    CATEGORY = "Z-Image"
+    RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("The decoded images.",)
+    FUNCTION = "decode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae": ("ZIMAGE_VAE", {"tooltip": "The vae output of Z-Image Sharded Loader."}),
+            "samples": ("LATENT", {"tooltip": "A latent from Z-Image Sampler or any Flux-VAE latent."}),
+        }}
+
+    def decode(self, vae, samples):
+        return (decode(vae, samples["samples"]),)

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from ..loaders.pipeline_loading import load_parts
+from . import comfy_bridge as bridge
+
+
+class ZImageShardedLoader:
+    """Loads Z-Image-Turbo's transformer, text encoder and VAE and plans them for a VRAM budget."""
+
+    DESCRIPTION = ("Loads Z-Image-Turbo and plans where each part lives for your VRAM budget. Weights are "
+                   "memory-mapped and copied to the GPU only when a step needs them.")
+    CATEGORY = "Z-Image"
+    RETURN_TYPES = ("ZIMAGE_MODEL", "ZIMAGE_TEXT_ENCODER", "ZIMAGE_VAE")
+    RETURN_NAMES = ("model", "text_encoder", "vae")
+    OUTPUT_TOOLTIPS = ("Connect to Z-Image Sampler.", "Connect to Z-Image Text Encode.",
+                       "Connect to Z-Image VAE Decode (Lazy).")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (bridge.diffusers_folders() + bridge.filenames("diffusion_models"), {
+                "tooltip": "The Z-Image-Turbo transformer: z_image_turbo_bf16.safetensors (or an fp8_e4m3fn "
+                           "variant) from models/diffusion_models, or a diffusers folder from models/diffusers."}),
+            "text_encoder": ([bridge.FROM_MODEL_FOLDER] + bridge.filenames("text_encoders"), {
+                "tooltip": "Qwen3-4B text encoder: qwen_3_4b.safetensors from models/text_encoders. "
+                           "'(from model folder)' takes it from a diffusers folder."}),
+            "vae": ([bridge.FROM_MODEL_FOLDER] + bridge.filenames("vae"), {
+                "tooltip": "The Flux VAE: ae.safetensors from models/vae. "
+                           "'(from model folder)' takes it from a diffusers folder."}),
+            "vram_budget_gb": ("FLOAT", {
+                "default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5,
+                "tooltip": "VRAM the model may use, in GB, as nvidia-smi counts it. 0 = all free VRAM "
+                           "minus 1 GB. Parts that do not fit stay in system RAM and are swapped in."}),
+        }}
+
+    def load(self, model, text_encoder, vae, vram_budget_gb):
+        parts = load_parts(bridge.resolve("diffusion_models", model, "model"),
+                           bridge.resolve("text_encoders", text_encoder, "text_encoder"),
+                           bridge.resolve("vae", vae, "vae"), vram_budget_gb,
+                           comfy_tokenizer=bridge.comfy_tokenizer_folder())
+        plan = parts.runtime.plan.summary()
+        return {"ui": {"zimage_plan": [plan]}, "result": (parts, parts.text_encoder, parts.vae)}

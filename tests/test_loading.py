@@ -1,0 +1,99 @@
+"""Loading Z-Image from a diffusers folder and from ComfyUI's single files (original key names)."""
+from __future__ import annotations
+
+import torch
+
+from conftest import mapped_files
+
+
+def _loading():
+    from zimage_nodes.loaders import component_loading
+    return component_loading
+
+
+def test_transformer_single_file_and_diffusers_folder_give_the_same_weights(tiny, pack):
+    cl = _loading()
+    a = cl.load_transformer(tiny["transformer"]).module.state_dict()
+    b = cl.load_transformer(tiny["diffusers"]).module.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the fused qkv of the original file really was split: q, k and v differ
+    assert not torch.equal(a["layers.0.attention.to_q.weight"], a["layers.0.attention.to_k.weight"])
+
+
+def test_fp8_single_file_is_upcast_to_bf16_at_load(tiny, pack):
+    cl = _loading()
+    fp8 = cl.load_transformer(tiny["transformer_fp8"])
+    ref = cl.load_transformer(tiny["transformer"]).module.state_dict()
+    assert "float8_e4m3fn" in fp8.source_dtype
+    for k, v in fp8.module.state_dict().items():
+        assert v.dtype == torch.bfloat16, k
+        expected = ref[k].to(torch.float8_e4m3fn).to(torch.bfloat16) if ref[k].ndim == 2 else ref[k]
+        assert torch.equal(v, expected), k
+
+
+def test_text_encoder_and_vae_single_files_match_the_diffusers_folder(tiny, pack):
+    cl = _loading()
+    for load, key in ((cl.load_text_encoder, "text_encoder"), (cl.load_vae, "vae")):
+        a = load(tiny[key]).module.state_dict()
+        b = load(tiny["diffusers"]).module.state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), key
+
+
+def test_sizes_come_from_the_tensors(tiny, pack):
+    cl = _loading()
+    t = cl.load_transformer(tiny["transformer"])
+    assert (t.config["dim"], t.config["n_layers"], t.config["n_refiner_layers"], t.config["n_heads"],
+            t.config["cap_feat_dim"]) == (64, 2, 1, 2, 32)
+    assert t.config["axes_dims"] == [8, 12, 12]  # head_dim 32 x [1/4, 3/8, 3/8]
+    te = cl.load_text_encoder(tiny["text_encoder"])
+    assert (te.config["hidden_size"], te.config["num_hidden_layers"], te.config["head_dim"]) == (32, 3, 16)
+    v = cl.load_vae(tiny["vae"])
+    assert v.config["block_out_channels"] == [32, 32, 32, 32] and v.config["latent_channels"] == 16
+
+
+def test_full_size_original_key_layout_is_detected_as_the_real_model(pack):
+    """The full model's shapes (from diffusers' class on the meta device, renamed to the original
+    names with the fused qkv) give the published config through the same code path."""
+    from diffusers import ZImageTransformer2DModel
+
+    from zimage_nodes.loaders import key_names, model_detection
+
+    with torch.device("meta"):
+        full = ZImageTransformer2DModel()
+    shapes = {}
+    for k, v in full.state_dict().items():
+        name, chunk = key_names.transformer_original_name(k)
+        shape = tuple(v.shape)
+        shapes[name] = (shape[0] * 3, *shape[1:]) if chunk is not None else shape
+    size = model_detection.transformer_size("full.safetensors", shapes, lambda k: key_names.transformer_original_name(k)[0])
+    cfg = size.diffusers_config()
+    assert (cfg["dim"], cfg["n_layers"], cfg["n_refiner_layers"], cfg["n_heads"], cfg["cap_feat_dim"]) == \
+        (3840, 30, 2, 30, 2560)
+    assert cfg["axes_dims"] == [32, 48, 48]
+
+
+def test_rope_axes_follow_one_rule_for_other_head_sizes(pack):
+    from zimage_nodes.loaders.model_detection import TransformerSize
+
+    for head_dim, axes in ((64, [16, 24, 24]), (128, [32, 48, 48]), (256, [64, 96, 96])):
+        cfg = TransformerSize(dim=head_dim * 4, n_layers=1, n_refiner_layers=1, n_heads=4, cap_feat_dim=8,
+                              in_channels=16, patch_size=2).diffusers_config()
+        assert cfg["axes_dims"] == axes and sum(axes) == head_dim
+
+
+def test_bf16_weights_are_views_of_the_file_mapping_not_copies(tiny, pack):
+    cl = _loading()
+    path = tiny["transformer"]
+    t = cl.load_transformer(path, torch.bfloat16)
+    with open("/proc/self/maps") as f:
+        ranges = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in f if line.rstrip().endswith(path)]
+    assert ranges, "the file is not memory-mapped"
+    w = t.module.layers[0].feed_forward.w1.weight
+    assert any(lo <= w.data_ptr() < hi for lo, hi in ranges)
+    del t, w
+    import gc
+    gc.collect()
+    assert path not in mapped_files()  # the mapping goes with the last tensor

@@ -1,4 +1,4 @@
-"""zimage-nodes: Z-Image-Turbo for ComfyUI, placed and streamed to fit any GPU."""
+"""zimage-nodes: Z-Image-Turbo for ComfyUI, its components placed to fit the GPU's VRAM budget."""
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
 WEB_DIRECTORY = "./web"

@@ -19,6 +19,7 @@ from torch import nn
 
 from .errors import ZImageError
 
+
 class AttentionBackend(str, Enum):
     AUTO = "auto"
     SDPA = "sdpa"

@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="z_image_turbo_bf16.safetensors, or a diffusers Z-Image-Turbo folder")
     ap.add_argument("--text-encoder", help="qwen_3_4b.safetensors (not needed with a diffusers folder)")
     ap.add_argument("--vae", help="ae.safetensors (not needed with a diffusers folder)")
-    ap.add_argument("--tokenizer", help="a folder with the Qwen tokenizer (vocab.json + merges.txt)")
+    ap.add_argument("--tokenizer", help="a folder with the Qwen tokenizer (tokenizer.json, or vocab.json + "
+                    "merges.txt + tokenizer_config.json), such as ComfyUI's comfy/text_encoders/qwen25_tokenizer")
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--height", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=9)

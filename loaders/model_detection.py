@@ -61,10 +61,10 @@ def _folder_of(name: str) -> str:
 
 def wrong_family(path: str, slot: str, wanted: str, keys: Iterable[str], fix: str) -> ZImageError:
     found = identify(keys)
-    hint = f" It belongs in {_folder_of(found)}." if found != "an unknown model" else ""
+    known = found != "an unknown model"
+    hint = f" It belongs in {_folder_of(found)}." if known else ""
     return ZImageError(f"this file is not {wanted}", where=path, expected=f"{wanted} for the {slot}",
-                       found=f"{found}{' (' + str(len(set(keys))) + ' tensors)' if found == 'an unknown model' else ''}",
-                       fix=f"{fix}{hint}")
+                       found=found if known else f"{found} ({len(set(keys))} tensors)", fix=f"{fix}{hint}")
 
 
 def _count(keys: Iterable[str], pattern: str) -> int:

@@ -19,8 +19,12 @@ GiB = 2**30
 # Working memory of one 1024x1024 image: diffusers' all-on-GPU run peaks 2.5 GiB above its
 # weights on an H100 (shared/FACTS.md); scaled with pixels x batch.
 WORK_BYTES_1024 = int(2.5 * GiB)
+ENCODE_WORK_BYTES = int(0.25 * GiB)  # Qwen3-4B activations for a 512-token prompt
 CUDA_CONTEXT_BYTES = int(0.5 * GiB)  # what nvidia-smi counts before the first allocation
 AUTO_MARGIN_BYTES = 1 * GiB  # left free under "automatic" for the desktop and other apps
+
+
+COMPONENTS = ("transformer", "text_encoder", "vae")
 
 
 class Placement(str, Enum):
@@ -39,20 +43,26 @@ class ComponentPlan:
     sizes: dict[str, int] = field(default_factory=dict)
     work_bytes: int = WORK_BYTES_1024
 
+    def phase_bytes(self) -> dict[str, int]:
+        """GPU bytes in use during each phase: what is resident plus the phase's own component
+        (if swapped in) and working memory."""
+        resident = sum(self.sizes.get(n, 0) for n in COMPONENTS if getattr(self, n) == Placement.RESIDENT)
+        def own(n: str) -> int:
+            return self.sizes.get(n, 0) if getattr(self, n) == Placement.SWAPPED else 0
+        base = CUDA_CONTEXT_BYTES + resident
+        return {"encode": base + own("text_encoder") + ENCODE_WORK_BYTES,
+                "denoise": base + own("transformer") + self.work_bytes,
+                "decode": base + own("vae") + self.work_bytes}
+
     @property
     def peak_bytes(self) -> int:
-        """The largest GPU footprint of any phase: encode, denoise or decode."""
-        resident = sum(self.sizes.get(n, 0) for n in ("transformer", "text_encoder", "vae")
-                       if getattr(self, n) == Placement.RESIDENT)
-        swap = max((self.sizes.get(n, 0) for n in ("text_encoder", "vae") if getattr(self, n) == Placement.SWAPPED),
-                   default=0)
-        return CUDA_CONTEXT_BYTES + resident + max(self.work_bytes, swap)
+        return max(self.phase_bytes().values())
 
     def summary(self) -> str:
         if self.device == "cpu":
             return "CPU run: every component stays in system RAM (memory-mapped from its file)"
         parts = [f"{n.replace('_', ' ')} {getattr(self, n).value} ({self.sizes.get(n, 0) / GiB:.1f} GB)"
-                 for n in ("transformer", "text_encoder", "vae")]
+                 for n in COMPONENTS]
         return (f"budget {self.budget_bytes / GiB:.1f} GB on {self.device}: " + ", ".join(parts)
                 + f"; expected peak {self.peak_bytes / GiB:.1f} GB")
 
@@ -75,19 +85,19 @@ def plan_components(sizes: dict[str, int], device: torch.device | str, budget_gb
         budget = free_bytes - AUTO_MARGIN_BYTES + CUDA_CONTEXT_BYTES
     t, te, v = sizes["transformer"], sizes["text_encoder"], sizes["vae"]
     R, S = Placement.RESIDENT, Placement.SWAPPED
-    for choice in ((R, R, R), (R, S, R), (R, S, S)):
+    # Most resident first: the transformer runs every step, the text encoder once per new prompt.
+    for choice in ((R, R, R), (R, S, R), (R, S, S), (S, S, S)):
         plan = ComponentPlan(str(device), budget, *choice, sizes=dict(sizes))
         if plan.peak_bytes <= budget:
             return plan
-    need = ComponentPlan(str(device), budget, R, S, S, sizes=dict(sizes)).peak_bytes
     raise ZImageError(
         "the VRAM budget is too small to hold the transformer", where="loader input 'vram_budget_gb'",
-        expected=f"at least {need / GiB:.1f} GB (transformer {t / GiB:.1f} GB + working memory "
+        expected=f"at least {plan.peak_bytes / GiB:.1f} GB (transformer {t / GiB:.1f} GB + working memory "
                  f"{WORK_BYTES_1024 / GiB:.1f} GB + CUDA context)",
         found=f"{budget / GiB:.1f} GB" + (" free" if budget_gb == 0 else ""),
-        fix=f"raise vram_budget_gb to {need / GiB:.1f} or more, close other GPU programs, or use the fp8 "
-            f"transformer file, which halves the transformer's size (text encoder {te / GiB:.1f} GB and VAE "
-            f"{v / GiB:.1f} GB are swapped in one at a time).")
+        fix=f"raise vram_budget_gb to {plan.peak_bytes / GiB:.1f} or more, or close other GPU programs "
+            f"(the text encoder, {te / GiB:.1f} GB, and the VAE, {v / GiB:.1f} GB, are already swapped in one at "
+            "a time).")
 
 
 def device_copy(module: nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> nn.Module:

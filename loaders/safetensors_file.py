@@ -50,7 +50,8 @@ class SafetensorsFile:
                               fix=f"check the path, or put the {role} where the loader looks for it.")
         if os.path.isdir(path):
             raise ZImageError(f"the {role} is a folder, not a .safetensors file", where=path,
-                              fix="pick the .safetensors file inside it, or use the folder as a diffusers model folder.")
+                              fix="pick the .safetensors file inside it, or use the folder as a diffusers "
+                                  "model folder.")
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             head = f.read(8)

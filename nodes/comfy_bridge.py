@@ -36,7 +36,7 @@ def diffusers_folders() -> list[str]:
 
 def filenames(kind: str) -> list[str]:
     fp = _folder_paths()
-    return [] if fp is None else [n for n in fp.get_filename_list(kind) if n.endswith((".safetensors", ".gguf"))]
+    return [] if fp is None else [n for n in fp.get_filename_list(kind) if n.endswith(".safetensors")]
 
 
 def resolve(kind: str, name: str, input_name: str) -> str | None:

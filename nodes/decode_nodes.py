@@ -4,10 +4,10 @@ from ..loaders.generation import decode
 
 
 class ZImageVAEDecodeLazy:
-    """Decodes a LATENT with the Flux VAE, which stays off the GPU until now and is released after."""
+    """Decodes a LATENT with the Flux VAE, which stays off the GPU until the first decode."""
 
-    DESCRIPTION = ("Decodes a Z-Image (Flux VAE) latent. The VAE is copied to the GPU only for the decode and "
-                   "freed right after, so it costs no VRAM while sampling.")
+    DESCRIPTION = ("Decodes a Z-Image (Flux VAE) latent. The VAE waits in system RAM until the first decode; "
+                   "when the loader's plan swaps it, it is also freed right after each decode.")
     CATEGORY = "Z-Image"
     RETURN_TYPES = ("IMAGE",)
     OUTPUT_TOOLTIPS = ("The decoded images.",)

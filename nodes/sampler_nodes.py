@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from ..loaders.attention import AttentionBackend
+from ..loaders.errors import ZImageError
 from ..loaders.generation import denoise
 from ..loaders.sampling import SamplerName
 from . import comfy_bridge as bridge
@@ -50,13 +51,17 @@ class ZImageSampler:
 
     def sample(self, model, positive, latent_image, seed, steps, cfg, shift, sampler, denoise, attention,
                negative=None):
+        if "noise_mask" in latent_image:
+            raise ZImageError("inpainting masks are not supported yet", where="sampler input 'latent_image'",
+                              found="a latent with a noise_mask (from Set Latent Noise Mask or VAE Encode for "
+                                    "Inpainting)", fix="use ComfyUI's KSampler for inpainting, or a latent without "
+                                                       "a mask.")
         pos = from_conditioning(positive, "positive")
         neg = from_conditioning(negative, "negative") if negative is not None else None
         samples, report = _denoise(model, pos, neg, latent_image["samples"], seed, steps, cfg, shift, sampler,
                                    denoise, attention)
         out = dict(latent_image)
         out["samples"] = samples
-        out.pop("noise_mask", None)
         info = f"attention {report.attention}, {report.seconds_per_step:.3f} s/step"
         return {"ui": {"zimage_run": [info]}, "result": (out,)}
 

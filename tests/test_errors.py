@@ -149,7 +149,8 @@ def test_misshaped_tensor_is_named(pack, tiny, tmp_path):
     path = _copy_without(tiny["vae"], str(tmp_path / "ae_bad.safetensors"),
                          reshape={"decoder.mid.block_1.conv1.weight": (32, 32, 1, 1)})
     err = _leaves_nothing(lambda: _load_parts(pack, tiny["transformer"], tiny["text_encoder"], path), path)
-    _assert_clear(err, path, "wrong shape", "decoder.mid.block_1.conv1.weight is [32, 32, 1, 1], expected [32, 32, 3, 3]")
+    _assert_clear(err, path, "wrong shape",
+                  "decoder.mid.block_1.conv1.weight is [32, 32, 1, 1], expected [32, 32, 3, 3]")
 
 
 def test_sd_vae_with_four_channels_is_refused(pack, tiny, tmp_path):
@@ -211,8 +212,9 @@ def test_sd_latent_with_four_channels(parts):
     _assert_clear(_denoise_error(parts, latent=torch.zeros(1, 4, 4, 4)), "16", "[1, 4, 4, 4]", "EmptySD3LatentImage")
 
 
-@pytest.mark.parametrize("backend,needs", [("xformers", "pip install xformers"), ("flash_attn", "pip install flash-attn"),
-                                           ("sage", "pip install sageattention"), ("sdpa_flash", "NVIDIA GPUs only")])
+@pytest.mark.parametrize("backend,needs", [
+    ("xformers", "pip install xformers"), ("flash_attn", "pip install flash-attn"),
+    ("sage", "pip install sageattention"), ("sdpa_flash", "NVIDIA GPUs only")])
 def test_unavailable_attention_backend_names_the_fix(parts, backend, needs):
     import importlib.util
 

@@ -68,7 +68,8 @@ def test_full_size_original_key_layout_is_detected_as_the_real_model(pack):
         name, chunk = key_names.transformer_original_name(k)
         shape = tuple(v.shape)
         shapes[name] = (shape[0] * 3, *shape[1:]) if chunk is not None else shape
-    size = model_detection.transformer_size("full.safetensors", shapes, lambda k: key_names.transformer_original_name(k)[0])
+    size = model_detection.transformer_size("full.safetensors", shapes,
+                                            lambda k: key_names.transformer_original_name(k)[0])
     cfg = size.diffusers_config()
     assert (cfg["dim"], cfg["n_layers"], cfg["n_refiner_layers"], cfg["n_heads"], cfg["cap_feat_dim"]) == \
         (3840, 30, 2, 30, 2560)

@@ -40,8 +40,11 @@ def reference(tiny, prompt, seed, steps, cfg, width, height):
     vae = AutoencoderKL.from_pretrained(tiny["diffusers"], subfolder="vae", torch_dtype=torch.float32)
     pipe = ZImagePipeline.from_pretrained(tiny["diffusers"], vae=vae, torch_dtype=torch.bfloat16)
     pipe.tokenizer.chat_template = QWEN3_TURN_TEMPLATE
+    # diffusers 0.42's default Z-Image schedule, passed explicitly: 0.36 defaulted to
+    # linspace(1, 0, N), whose last step has zero length (N-1 real steps). The pack follows the new one.
+    sigmas = torch.linspace(1.0, 1 / steps, steps).tolist()
     images = pipe(prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=cfg - 1.0,
-                  generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images
+                  sigmas=sigmas, generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images
     return torch.from_numpy(images)
 
 

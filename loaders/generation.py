@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -9,7 +10,8 @@ from torch import nn
 
 from . import attention, sampling
 from .errors import ZImageError
-from .runtime import ComponentHandle, ZImagePipelineParts, free_device_cache
+from .placement import DECODE_TILE
+from .runtime import VAEHandle, ZImagePipelineParts, free_device_cache
 
 
 class Velocity:
@@ -76,7 +78,9 @@ def denoise(parts: ZImagePipelineParts, positive: torch.Tensor, negative: torch.
         hooks.on_step(i, n, x0)
 
     try:
-        with parts.transformer.on_device() as tr, attention.attention_backend(tr, backend):
+        plan = rt.plan_for(latent.shape[-2] * 8, latent.shape[-1] * 8,
+                           latent.shape[0] * (2 if negative is not None and cfg > 1.0 else 1))
+        with parts.transformer.on_device(plan) as tr, attention.attention_backend(tr, backend):
             v = Velocity(tr, positive, negative, cfg, rt.device, rt.dtype)
             start = time.perf_counter()
             out = sampling.sample(v, latent, seed, steps, sampler, shift, denoise,
@@ -85,18 +89,37 @@ def denoise(parts: ZImagePipelineParts, positive: torch.Tensor, negative: torch.
         free_device_cache(rt.device)  # activations of the failed step
         raise
     per_step = (times[-1] - start) / len(times)
-    return out, DenoiseReport(backend.value, per_step, steps, rt.plan.summary())
+    return out, DenoiseReport(backend.value, per_step, steps, plan.summary())
 
 
 @torch.no_grad()
-def decode(vae: ComponentHandle, latent: torch.Tensor) -> torch.Tensor:
-    """LATENT [B,16,h,w] -> IMAGE float32 [B,H,W,3] in 0..1, on the CPU."""
+def decode(vae: VAEHandle, latent: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
+    """LATENT [B,16,h,w] -> IMAGE float32 [B,H,W,3] in 0..1, on the CPU. `tiled` None = as the
+    memory plan needs for this size."""
     if latent.ndim != 4 or latent.shape[1] != sampling.LATENT_CHANNELS:
         raise ZImageError("the latent is not a Flux-VAE latent", where="decode input 'samples'",
                           expected=f"[batch, {sampling.LATENT_CHANNELS}, height/8, width/8]",
                           found=str(list(latent.shape)), fix="decode SD/SDXL latents with their own VAE.")
-    with vae.on_device() as m:
+    b, _, h, w = latent.shape
+    if tiled is None:
+        tiled = vae.runtime.plan.decode_tiled(h * 8, w * 8, b)
+    with vae.on_device() as m, _tiling(m, tiled):
         z = latent.to(vae.runtime.device, next(m.parameters()).dtype)
         img = m.decode(z, return_dict=False)[0]
-        img = (img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu()
+        img = (img.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
     return img
+
+
+@contextmanager
+def _tiling(vae: nn.Module, tiled: bool):
+    """diffusers' tiled decode on 512-pixel tiles with a 1/4 overlap, blended (no seams), for
+    this decode only."""
+    saved = (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor)
+    vae.use_tiling = tiled
+    vae.tile_sample_min_size = DECODE_TILE
+    vae.tile_latent_min_size = DECODE_TILE // 8
+    vae.tile_overlap_factor = 0.25
+    try:
+        yield
+    finally:
+        vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor = saved

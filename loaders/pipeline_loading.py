@@ -8,8 +8,8 @@ import torch
 
 from . import component_loading
 from .errors import ZImageError
-from .placement import plan_components
-from .runtime import ComponentHandle, Runtime, TextEncoderHandle, ZImagePipelineParts
+from .placement import ModelSizes, Storage, plan_memory
+from .runtime import Runtime, TextEncoderHandle, TransformerHandle, VAEHandle, ZImagePipelineParts
 from .tokenizer import load_tokenizer, tokenizer_folder
 
 
@@ -19,7 +19,8 @@ def default_device() -> torch.device:
 
 def load_parts(model: str, text_encoder: str | None = None, vae: str | None = None, vram_budget_gb: float = 0.0,
                device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-               comfy_tokenizer: str | None = None) -> ZImagePipelineParts:
+               comfy_tokenizer: str | None = None, ram_budget_gb: float = 0.0,
+               storage: Storage | str = Storage.BF16) -> ZImagePipelineParts:
     """Open the transformer `model` (a single file or a diffusers folder), the text encoder and the
     VAE (None = from the diffusers folder `model`), and plan them for `device` and the budget.
 
@@ -47,13 +48,13 @@ def load_parts(model: str, text_encoder: str | None = None, vae: str | None = No
                               found=f"hidden size {te.config['hidden_size']}",
                               fix="use the text encoder that belongs to this transformer (qwen_3_4b.safetensors).")
         tok = load_tokenizer(comfy_tokenizer or tokenizer_folder(model if os.path.isdir(model) else text_encoder))
-        sizes = {"transformer": t.nbytes, "text_encoder": te.nbytes, "vae": v.nbytes}
-        plan = plan_components(sizes, device, vram_budget_gb)
+        sizes = ModelSizes.of(t.module, te.module, v.module, dtype, vae_dtype)
+        # Shown by the loader; the sampler re-plans for its own resolution and batch.
+        plan = plan_memory(sizes, device, vram_budget_gb, ram_budget_gb, storage=storage)
     except BaseException:
         # The traceback keeps this frame alive (ComfyUI shows it); drop what was loaded so the
         # failed load holds no weights or file mappings.
         t = te = v = tok = None
         raise
-    rt = Runtime(device, dtype, vae_dtype, plan)
-    return ZImagePipelineParts(ComponentHandle("transformer", t, rt, dtype), TextEncoderHandle(te, rt, tok),
-                               ComponentHandle("vae", v, rt, vae_dtype), rt)
+    rt = Runtime(device, dtype, vae_dtype, sizes, vram_budget_gb, ram_budget_gb, Storage(storage), plan)
+    return ZImagePipelineParts(TransformerHandle(t, rt), TextEncoderHandle(te, rt, tok), VAEHandle(v, rt), rt)

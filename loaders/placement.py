@@ -1,122 +1,312 @@
-"""Where each component lives for a VRAM budget, as a printable plan.
+"""Where every part of Z-Image lives for a VRAM budget, a host-RAM budget, a resolution and a
+batch: the memory plan, a printable dataclass.
 
-This is the whole-component planner: each of the transformer, text encoder and VAE is either
-resident on the GPU or swapped in for its own step and freed after it. A budget that cannot
-hold the transformer and its working memory is an error that states the minimum.
+Transformer: its small stem (embedders, final layer) is always on the GPU; each of its 34
+repeated blocks is either resident on the GPU or streamed each step from pinned host memory
+(or, when pinned RAM is short, from the memory-mapped file). Streamed blocks are spread evenly
+between resident ones so their copies hide behind the resident blocks' compute.
+Text encoder: runs once per new prompt and leaves nothing on the GPU: copied whole if it fits
+beside the transformer, else streamed layer by layer. VAE: copied for the decode only; tiled
+when the untiled decode would not fit.
+
+All sizes are bytes; the GPU phases (encode, denoise, decode) are each checked against the
+budget, so the plan's peak is what the allocator may reach.
 """
 from __future__ import annotations
 
-import copy
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
-from torch import nn
 
 from .errors import ZImageError
 
 GiB = 2**30
-# Working memory of one 1024x1024 image: diffusers' all-on-GPU run peaks 2.5 GiB above its
-# weights on an H100 (shared/FACTS.md); scaled with pixels x batch.
-WORK_BYTES_1024 = int(2.5 * GiB)
-ENCODE_WORK_BYTES = int(0.25 * GiB)  # Qwen3-4B activations for a 512-token prompt
-CUDA_CONTEXT_BYTES = int(0.5 * GiB)  # what nvidia-smi counts before the first allocation
-AUTO_MARGIN_BYTES = 1 * GiB  # left free under "automatic" for the desktop and other apps
+MiB = 2**20
+# nvidia-smi counts the CUDA context (cuBLAS workspaces included) against the process:
+# measured 0.5 GiB on an H100 with torch 2.x.
+CUDA_CONTEXT_BYTES = 512 * MiB
+AUTO_MARGIN_BYTES = 1 * GiB  # left free under "automatic" for the desktop and other programs
+# Allocator slack: reserved minus allocated, measured a few percent in streaming runs.
+SLACK_BYTES = 256 * MiB
+# Denoise working memory: a fixed part plus bytes per token per image in the batch
+# (hidden states, the SwiGLU intermediate, attention inputs; calibrated in bench/).
+WORK_FIXED_BYTES = 256 * MiB
+WORK_BYTES_PER_TOKEN = 96 * 1024
+CAPTION_TOKENS = 512  # the most a prompt can have (the pipeline's max length)
+ENCODE_WORK_BYTES = 256 * MiB  # Qwen3-4B activations for a 512-token prompt
+# Flux VAE decode in bf16: ~1.4 kB per output pixel untiled; tiled decode works on 512x512
+# tiles (plus the output image, fp32).
+DECODE_BYTES_PER_PIXEL = 1400
+DECODE_TILE = 512
+N_BUFFERS = 2
 
 
-COMPONENTS = ("transformer", "text_encoder", "vae")
+class Where(str, Enum):
+    GPU = "gpu"  # resident on the GPU
+    PINNED = "pinned"  # streamed each step from pinned host memory
+    MAPPED = "mapped"  # streamed each step from the memory-mapped file (pageable copies)
+    CPU = "cpu"  # no GPU: everything runs where it is
 
 
-class Placement(str, Enum):
-    RESIDENT = "resident"  # on the GPU from load until the model is released
-    SWAPPED = "swapped"  # copied to the GPU for its step, freed right after
-    CPU = "cpu"  # no GPU: runs where it is
+class Storage(str, Enum):
+    BF16 = "bf16"
+    FP8 = "fp8"  # streamed blocks kept as float8_e4m3fn with per-row scales
 
 
 @dataclass(frozen=True)
-class ComponentPlan:
+class ModelSizes:
+    """Bytes in the compute dtype, per part; blocks in the order the model calls them."""
+    transformer_stem: int
+    transformer_blocks: tuple[tuple[str, int], ...]
+    text_encoder_embedding: int  # the token table: looked up on the CPU when the encoder streams
+    text_encoder_stem: int  # final norm and rotary tables
+    text_encoder_blocks: tuple[int, ...]
+    vae: int
+
+    @property
+    def transformer(self) -> int:
+        return self.transformer_stem + sum(b for _, b in self.transformer_blocks)
+
+    @property
+    def text_encoder(self) -> int:
+        return self.text_encoder_embedding + self.text_encoder_stem + sum(self.text_encoder_blocks)
+
+    @classmethod
+    def of(cls, transformer, text_encoder, vae, dtype: torch.dtype, vae_dtype: torch.dtype) -> "ModelSizes":
+        """Sizes of loaded modules once in `dtype` (diffusers' ZImageTransformer2DModel, transformers'
+        Qwen3Model, AutoencoderKL)."""
+        def nbytes(m, dt=dtype) -> int:
+            return sum(t.numel() * (dt.itemsize if t.is_floating_point() else t.element_size())
+                       for t in list(m.parameters()) + list(m.buffers()))
+        blocks = tuple((name, nbytes(transformer.get_submodule(name))) for name in transformer_block_names(transformer))
+        te_blocks = tuple(nbytes(layer) for layer in text_encoder.layers)
+        emb = nbytes(text_encoder.embed_tokens)
+        return cls(nbytes(transformer) - sum(b for _, b in blocks), blocks, emb,
+                   nbytes(text_encoder) - emb - sum(te_blocks), te_blocks, nbytes(vae, vae_dtype))
+
+
+def transformer_block_names(transformer) -> list[str]:
+    """Z-Image's repeated blocks in the order its forward calls them."""
+    return ([f"noise_refiner.{i}" for i in range(len(transformer.noise_refiner))]
+            + [f"context_refiner.{i}" for i in range(len(transformer.context_refiner))]
+            + [f"layers.{i}" for i in range(len(transformer.layers))])
+
+
+def fp8_bytes(nbytes: int) -> int:
+    """Bytes of a bf16 block stored as fp8 + per-row scales (scales are <1% for these widths)."""
+    return nbytes // 2 + nbytes // 256
+
+
+def denoise_work_bytes(height: int, width: int, batch: int) -> int:
+    tokens = (height // 16) * (width // 16) + CAPTION_TOKENS
+    return WORK_FIXED_BYTES + batch * tokens * WORK_BYTES_PER_TOKEN
+
+
+def decode_work_bytes(height: int, width: int, batch: int, tiled: bool) -> int:
+    image = batch * height * width * 3 * 4 * 2  # the decoded batch in fp32, and its 0..1 copy
+    pixels = min(height * width, (DECODE_TILE + DECODE_TILE // 4) ** 2) if tiled else height * width
+    return pixels * DECODE_BYTES_PER_PIXEL * (1 if tiled else batch) + image
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
     device: str
     budget_bytes: int
-    transformer: Placement
-    text_encoder: Placement
-    vae: Placement
-    sizes: dict[str, int] = field(default_factory=dict)
-    work_bytes: int = WORK_BYTES_1024
+    host_budget_bytes: int
+    height: int
+    width: int
+    batch: int  # images per model call (CFG doubles it)
+    storage: Storage
+    blocks: tuple[tuple[str, Where], ...]
+    text_encoder: str  # "swapped" (copied whole, freed after) or "streamed"
+    text_encoder_host: Where  # where a streamed text encoder's layers come from
+    vae_tiled: bool
+    sizes: ModelSizes
+    phases: dict[str, int] = field(default_factory=dict)
 
-    def phase_bytes(self) -> dict[str, int]:
-        """GPU bytes in use during each phase: what is resident plus the phase's own component
-        (if swapped in) and working memory."""
-        resident = sum(self.sizes.get(n, 0) for n in COMPONENTS if getattr(self, n) == Placement.RESIDENT)
-        def own(n: str) -> int:
-            return self.sizes.get(n, 0) if getattr(self, n) == Placement.SWAPPED else 0
-        base = CUDA_CONTEXT_BYTES + resident
-        return {"encode": base + own("text_encoder") + ENCODE_WORK_BYTES,
-                "denoise": base + own("transformer") + self.work_bytes,
-                "decode": base + own("vae") + self.work_bytes}
+    @property
+    def streamed(self) -> list[str]:
+        return [n for n, w in self.blocks if w in (Where.PINNED, Where.MAPPED)]
+
+    @property
+    def resident_bytes(self) -> int:
+        if self.device == "cpu":
+            return 0
+        return self.sizes.transformer_stem + sum(
+            b for (_, b), (_, w) in zip(self.sizes.transformer_blocks, self.blocks) if w == Where.GPU)
+
+    @property
+    def streamed_bytes_per_step(self) -> int:
+        """Bytes copied host->GPU per transformer forward."""
+        total = 0
+        for (_, b), (_, w) in zip(self.sizes.transformer_blocks, self.blocks):
+            if w == Where.PINNED:
+                total += fp8_bytes(b) if self.storage == Storage.FP8 else b
+            elif w == Where.MAPPED:
+                total += b
+        return total
+
+    @property
+    def pinned_bytes(self) -> int:
+        total = sum(fp8_bytes(b) if self.storage == Storage.FP8 else b
+                    for (_, b), (_, w) in zip(self.sizes.transformer_blocks, self.blocks) if w == Where.PINNED)
+        if self.text_encoder == "streamed" and self.text_encoder_host == Where.PINNED:
+            total += sum(self.sizes.text_encoder_blocks)
+        return total
 
     @property
     def peak_bytes(self) -> int:
-        return max(self.phase_bytes().values())
+        return max(self.phases.values()) if self.phases else 0
+
+    def decode_tiled(self, height: int, width: int, batch: int) -> bool:
+        """Whether a decode of this size must be tiled to stay in the budget (decided up front,
+        never by running out of memory first)."""
+        if self.device == "cpu":
+            return False
+        used = CUDA_CONTEXT_BYTES + SLACK_BYTES + self.resident_bytes + self.sizes.vae
+        return used + decode_work_bytes(height, width, batch, tiled=False) > self.budget_bytes
 
     def summary(self) -> str:
         if self.device == "cpu":
-            return "CPU run: every component stays in system RAM (memory-mapped from its file)"
-        parts = [f"{n.replace('_', ' ')} {getattr(self, n).value} ({self.sizes.get(n, 0) / GiB:.1f} GB)"
-                 for n in COMPONENTS]
-        return (f"budget {self.budget_bytes / GiB:.1f} GB on {self.device}: " + ", ".join(parts)
-                + f"; expected peak {self.peak_bytes / GiB:.1f} GB")
+            return "CPU run: every part stays in system RAM (memory-mapped from its file)"
+        n_stream = len(self.streamed)
+        mapped = sum(1 for _, w in self.blocks if w == Where.MAPPED)
+        lines = [
+            f"budget {self.budget_bytes / GiB:.1f} GB on {self.device}, planned for {self.width}x{self.height} "
+            f"x{self.batch}",
+            f"transformer: {self.resident_bytes / GiB:.1f} GB resident ({len(self.blocks) - n_stream}/"
+            f"{len(self.blocks)} blocks), {self.streamed_bytes_per_step / GiB:.1f} GB streamed per step "
+            f"({n_stream} blocks, {self.storage.value}"
+            + (f", {mapped} from the mapped file" if mapped else "") + ")",
+            f"text encoder: {self.text_encoder}" + (f" from {self.text_encoder_host.value} RAM"
+                                                    if self.text_encoder == "streamed" else "")
+            + f"; VAE: copied for decode{', tiled' if self.vae_tiled else ''}",
+            f"pinned host RAM {self.pinned_bytes / GiB:.1f} GB; expected peak {self.peak_bytes / GiB:.1f} GB "
+            f"(encode {self.phases['encode'] / GiB:.1f}, denoise {self.phases['denoise'] / GiB:.1f}, "
+            f"decode {self.phases['decode'] / GiB:.1f})",
+        ]
+        return "\n".join(lines)
 
 
-def plan_components(sizes: dict[str, int], device: torch.device | str, budget_gb: float = 0.0,
-                    free_bytes: int | None = None) -> ComponentPlan:
-    """Choose resident or swapped per component. `budget_gb` 0 means free VRAM minus a margin;
-    `free_bytes` is what the GPU has free now (asked of the GPU when None)."""
+def _spread(n_total: int, n_resident: int) -> list[bool]:
+    """Which of n_total blocks are resident, n_resident of them spread evenly."""
+    return [(i + 1) * n_resident // n_total - i * n_resident // n_total == 1 for i in range(n_total)]
+
+
+def available_host_bytes() -> int:
+    """Memory the OS can give us now (Linux MemAvailable; psutil elsewhere, as ComfyUI has it)."""
+    try:
+        import psutil
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def plan_memory(sizes: ModelSizes, device: torch.device | str, budget_gb: float = 0.0, host_budget_gb: float = 0.0,
+                height: int = 1024, width: int = 1024, batch: int = 1, storage: Storage | str = Storage.BF16,
+                free_bytes: int | None = None, free_host_bytes: int | None = None) -> MemoryPlan:
+    """The plan for one device. `budget_gb` 0 = free VRAM minus a margin; `host_budget_gb` 0 = 3/4 of
+    the RAM available now. `free_bytes`/`free_host_bytes` override what is asked of the machine."""
     device = torch.device(device)
+    storage = Storage(storage)
+    n = len(sizes.transformer_blocks)
     if device.type == "cpu":
-        return ComponentPlan("cpu", 0, Placement.CPU, Placement.CPU, Placement.CPU, dict(sizes))
-    if budget_gb < 0:
-        raise ZImageError("the VRAM budget cannot be negative", where="loader input 'vram_budget_gb'",
-                          found=str(budget_gb), fix="use 0 for automatic, or the GB the model may use.")
+        return MemoryPlan("cpu", 0, 0, height, width, batch, storage,
+                          tuple((name, Where.CPU) for name, _ in sizes.transformer_blocks), "cpu", Where.CPU, False,
+                          sizes, {"encode": 0, "denoise": 0, "decode": 0})
+    for value, name in ((budget_gb, "vram_budget_gb"), (host_budget_gb, "ram_budget_gb")):
+        if value < 0:
+            raise ZImageError("a memory budget cannot be negative", where=f"loader input '{name}'", found=str(value),
+                              fix="use 0 for automatic, or the GB the model may use.")
     if budget_gb > 0:
         budget = int(budget_gb * GiB)
     else:
         if free_bytes is None:
             free_bytes, _ = torch.cuda.mem_get_info(device)
+        # free_bytes is measured with our CUDA context already created; the plan counts it.
         budget = free_bytes - AUTO_MARGIN_BYTES + CUDA_CONTEXT_BYTES
-    t, te, v = sizes["transformer"], sizes["text_encoder"], sizes["vae"]
-    R, S = Placement.RESIDENT, Placement.SWAPPED
-    # Most resident first: the transformer runs every step, the text encoder once per new prompt.
-    for choice in ((R, R, R), (R, S, R), (R, S, S), (S, S, S)):
-        plan = ComponentPlan(str(device), budget, *choice, sizes=dict(sizes))
-        if plan.peak_bytes <= budget:
-            return plan
-    raise ZImageError(
-        "the VRAM budget is too small to hold the transformer", where="loader input 'vram_budget_gb'",
-        expected=f"at least {plan.peak_bytes / GiB:.1f} GB (transformer {t / GiB:.1f} GB + working memory "
-                 f"{WORK_BYTES_1024 / GiB:.1f} GB + CUDA context)",
-        found=f"{budget / GiB:.1f} GB" + (" free" if budget_gb == 0 else ""),
-        fix=f"raise vram_budget_gb to {plan.peak_bytes / GiB:.1f} or more, or close other GPU programs "
-            f"(the text encoder, {te / GiB:.1f} GB, and the VAE, {v / GiB:.1f} GB, are already swapped in one at "
-            "a time).")
+    if host_budget_gb > 0:
+        host_budget = int(host_budget_gb * GiB)
+    else:
+        host_budget = (free_host_bytes if free_host_bytes is not None else available_host_bytes()) * 3 // 4
 
+    work = denoise_work_bytes(height, width, batch)
+    base = CUDA_CONTEXT_BYTES + SLACK_BYTES
+    blocks = [b for _, b in sizes.transformer_blocks]
 
-def device_copy(module: nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> nn.Module:
-    """A copy of `module` whose tensors live on `device`; the original (memory-mapped) stays as it is.
+    def stage(b: int, where: Where) -> int:
+        # Mapped blocks are copied straight from the file, so they stay in the compute dtype.
+        return fp8_bytes(b) if storage == Storage.FP8 and where == Where.PINNED else b
 
-    If copying fails half-way (out of memory), what was already copied is freed before the
-    error goes on, so nothing is left behind on the GPU.
-    """
-    memo: dict[int, object] = {}
-    try:
-        for t in list(module.parameters()) + list(module.buffers()):
-            if id(t) in memo:
-                continue
-            moved = t.to(device=device, dtype=dtype if (dtype and t.is_floating_point()) else t.dtype,
-                         non_blocking=False)
-            memo[id(t)] = nn.Parameter(moved, requires_grad=False) if isinstance(t, nn.Parameter) else moved
-        return copy.deepcopy(module, memo)
-    except BaseException:
-        memo.clear()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        raise
+    def place(resident: list[bool]) -> tuple[list[Where], int]:
+        """Streamed blocks pinned in call order while the host budget lasts, the rest mapped."""
+        out, pinned = [], 0
+        for b, r in zip(blocks, resident):
+            if r:
+                out.append(Where.GPU)
+            elif pinned + stage(b, Where.PINNED) <= host_budget:
+                out.append(Where.PINNED)
+                pinned += stage(b, Where.PINNED)
+            else:
+                out.append(Where.MAPPED)
+        return out, pinned
+
+    def buffers(where: list[Where]) -> int:
+        streamed = [(b, w) for b, w in zip(blocks, where) if w != Where.GPU]
+        if not streamed:
+            return 0
+        staging = min(N_BUFFERS, len(streamed)) * max(stage(b, w) for b, w in streamed)
+        fp8_compute = max(b for b, w in streamed if w == Where.PINNED) if storage == Storage.FP8 and any(
+            w == Where.PINNED for _, w in streamed) else 0
+        return staging + fp8_compute
+
+    te_swap = sizes.text_encoder + ENCODE_WORK_BYTES
+    te_stream = sizes.text_encoder_stem + min(N_BUFFERS, len(sizes.text_encoder_blocks)) * max(
+        sizes.text_encoder_blocks) + ENCODE_WORK_BYTES
+
+    def phases(where: list[Where], te_mode: str, tiled: bool) -> dict[str, int]:
+        res = sizes.transformer_stem + sum(b for b, w in zip(blocks, where) if w == Where.GPU)
+        return {"encode": base + res + (te_swap if te_mode == "swapped" else te_stream),
+                "denoise": base + res + buffers(where) + work,
+                "decode": base + res + sizes.vae + decode_work_bytes(height, width, batch, tiled)}
+
+    chosen = None
+    for k in range(n, -1, -1):  # most resident blocks first
+        where, pinned = place(_spread(n, k))
+        for te_mode in ("swapped", "streamed"):
+            for tiled in (False, True):
+                ph = phases(where, te_mode, tiled)
+                if max(ph.values()) <= budget:
+                    chosen = (where, pinned, te_mode, tiled, ph)
+                    break
+            if chosen:
+                break
+        if chosen:
+            break
+    if chosen is None:
+        least = phases(place([False] * n)[0], "streamed", True)
+        need = max(least.values())
+        raise ZImageError(
+            "the VRAM budget is too small for Z-Image even with every block streamed",
+            where="loader input 'vram_budget_gb'",
+            expected=f"at least {need / GiB:.1f} GB at {width}x{height} x{batch} ({storage.value} streaming: CUDA "
+                     f"context, the transformer's stem, {N_BUFFERS} block buffers and the working memory)",
+            found=f"{budget / GiB:.1f} GB" + (" free" if budget_gb == 0 else ""),
+            fix=f"raise vram_budget_gb to {need / GiB:.1f} or more, use fp8 streaming, lower the resolution or "
+                "batch, or close other GPU programs.")
+    where, pinned, te_mode, tiled, ph = chosen
+    placed = tuple((name, w) for (name, _), w in zip(sizes.transformer_blocks, where))
+    te_host = Where.PINNED if te_mode == "streamed" and pinned + sum(sizes.text_encoder_blocks) <= host_budget \
+        else Where.MAPPED
+    return MemoryPlan(str(device), budget, host_budget, height, width, batch, storage, placed, te_mode,
+                      te_host, tiled, sizes, ph)

@@ -1,7 +1,9 @@
 """The loaded model as the nodes pass it around: three handles sharing one device and plan.
 
 Each handle keeps its component memory-mapped on the CPU and hands out a module on the run's
-device for the duration of a `with handle.on_device()` block, according to the plan.
+device for the duration of a `with` block, as the memory plan says: the transformer with its
+resident blocks on the GPU and the rest streamed, the text encoder copied whole or streamed
+and then freed, the VAE copied for the decode and freed.
 """
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ import torch
 from torch import nn
 
 from .component_loading import LoadedComponent
-from .placement import ComponentPlan, Placement, device_copy
+from .device_copy import Copy, device_copy
+from .placement import MemoryPlan, ModelSizes, Storage, Where, plan_memory
+from .streaming import BlockStreamer, HostBlock
 
 
 @dataclass
@@ -23,46 +27,18 @@ class Runtime:
     device: torch.device
     dtype: torch.dtype  # compute dtype of transformer and text encoder
     vae_dtype: torch.dtype
-    plan: ComponentPlan
+    sizes: ModelSizes
+    vram_budget_gb: float
+    ram_budget_gb: float
+    storage: Storage
+    plan: MemoryPlan  # the plan of the last (or the loader's default) shape
+    fixed_plan: bool = False  # tests and benchmarks may pin a hand-made plan
 
-
-class ComponentHandle:
-    def __init__(self, name: str, component: LoadedComponent, runtime: Runtime, dtype: torch.dtype):
-        self.name, self.component, self.runtime, self.dtype = name, component, runtime, dtype
-        self._resident: nn.Module | None = None
-
-    @property
-    def placement(self) -> Placement:
-        return getattr(self.runtime.plan, self.name)
-
-    @contextmanager
-    def on_device(self) -> Iterator[nn.Module]:
-        device = self.runtime.device
-        if self.placement == Placement.CPU:
-            yield self.component.module
-            return
-        if self.placement == Placement.RESIDENT:
-            if self._resident is None:
-                self._resident = device_copy(self.component.module, device, self.dtype)
-            yield self._resident
-            return
-        module = device_copy(self.component.module, device, self.dtype)
-        try:
-            yield module
-        finally:
-            del module
-            free_device_cache(device)
-
-    def release(self) -> None:
-        """Free this component's GPU copy (ComfyUI's 'free model memory' and failures call this)."""
-        self._resident = None
-        free_device_cache(self.runtime.device)
-
-    @property
-    def gpu_bytes(self) -> int:
-        if self._resident is None:
-            return 0
-        return sum(t.numel() * t.element_size() for t in self._resident.state_dict().values())
+    def plan_for(self, height: int, width: int, batch: int) -> MemoryPlan:
+        if not self.fixed_plan and (self.plan.height, self.plan.width, self.plan.batch) != (height, width, batch):
+            self.plan = plan_memory(self.sizes, self.device, self.vram_budget_gb, self.ram_budget_gb, height, width,
+                                    batch, self.storage)
+        return self.plan
 
 
 def free_device_cache(device: torch.device) -> None:
@@ -71,15 +47,76 @@ def free_device_cache(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-class TextEncoderHandle(ComponentHandle):
-    """The text encoder plus its tokenizer and a small cache: an unchanged prompt is not encoded again."""
+def _block_of(name: str, blocks: list[str]) -> str | None:
+    for b in blocks:
+        if name.startswith(b + "."):
+            return b
+    return None
+
+
+class TransformerHandle:
+    """Z-Image's transformer: resident blocks copied once, streamed blocks in host memory."""
+
+    def __init__(self, component: LoadedComponent, runtime: Runtime):
+        self.component, self.runtime = component, runtime
+        self._replica: nn.Module | None = None
+        self._layout: tuple | None = None  # (blocks placement, storage) the replica was built for
+        self._host: dict[str, HostBlock] = {}
+        self.last_streamer: BlockStreamer | None = None  # kept for reports (bytes copied)
+
+    @contextmanager
+    def on_device(self, plan: MemoryPlan) -> Iterator[nn.Module]:
+        module = self.component.module
+        if all(w == Where.CPU for _, w in plan.blocks):
+            yield module
+            return
+        where = dict(plan.blocks)
+        layout = (plan.blocks, plan.storage)
+        if self._layout != layout:
+            self.release()
+            names = list(where)
+
+            def how(name: str) -> Copy:
+                b = _block_of(name, names)
+                return Copy.PLACEHOLDER if b is not None and where[b] != Where.GPU else Copy.DEVICE
+            self._replica = device_copy(module, self.runtime.device, self.runtime.dtype, how)
+            self._host = {n: HostBlock(n, module.get_submodule(n), plan.storage.value if w == Where.PINNED else "bf16",
+                                       w == Where.PINNED, self.runtime.dtype)
+                          for n, w in plan.blocks if w in (Where.PINNED, Where.MAPPED)}
+            self._layout = layout
+        streamer = None
+        if self._host:
+            streamer = BlockStreamer([(self._replica.get_submodule(n), self._host[n]) for n in where if n in self._host],
+                                     self.runtime.device).attach()
+        self.last_streamer = streamer
+        try:
+            yield self._replica
+        finally:
+            if streamer is not None:
+                streamer.close()
+
+    def release(self) -> None:
+        """Free the GPU copy and the pinned host copies (ComfyUI's 'free memory' and failures)."""
+        self._replica, self._layout, self._host, self.last_streamer = None, None, {}, None
+        free_device_cache(self.runtime.device)
+
+    @property
+    def gpu_bytes(self) -> int:
+        if self._replica is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self._replica.state_dict().values() if t.is_cuda)
+
+
+class TextEncoderHandle:
+    """The text encoder plus its tokenizer and a small cache: an unchanged prompt is not encoded again.
+    Leaves nothing on the GPU once a prompt is encoded."""
 
     CACHE_SIZE = 16
 
     def __init__(self, component: LoadedComponent, runtime: Runtime, tokenizer):
-        super().__init__("text_encoder", component, runtime, runtime.dtype)
-        self.tokenizer = tokenizer
+        self.component, self.runtime, self.tokenizer = component, runtime, tokenizer
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._host: dict[str, HostBlock] = {}
         self.encodes = 0  # how many prompts really ran through the encoder
 
     def encode(self, prompt: str) -> torch.Tensor:
@@ -89,20 +126,77 @@ class TextEncoderHandle(ComponentHandle):
         if prompt in self._cache:
             self._cache.move_to_end(prompt)
             return self._cache[prompt]
-        with self.on_device() as te:
-            feats = encode_prompt(te, self.tokenizer, prompt).to("cpu")
+        plan, device, module = self.runtime.plan, self.runtime.device, self.component.module
+        if plan.text_encoder == "cpu":
+            feats = encode_prompt(module, self.tokenizer, prompt)
+        elif plan.text_encoder == "swapped":
+            te = device_copy(module, device, self.runtime.dtype)
+            try:
+                feats = encode_prompt(te, self.tokenizer, prompt).to("cpu")
+            finally:
+                del te
+                free_device_cache(device)
+        else:
+            feats = self._encode_streamed(prompt, plan)
         self.encodes += 1
         self._cache[prompt] = feats
         while len(self._cache) > self.CACHE_SIZE:
             self._cache.popitem(last=False)
         return feats
 
+    def _encode_streamed(self, prompt: str, plan: MemoryPlan) -> torch.Tensor:
+        from .text_encoding import encode_prompt
+
+        module, device = self.component.module, self.runtime.device
+        names = [f"layers.{i}" for i in range(len(module.layers))]
+        pinned = plan.text_encoder_host == Where.PINNED
+        if not self._host or next(iter(self._host.values())).pinned != pinned:
+            self._host = {n: HostBlock(n, module.get_submodule(n), "bf16", pinned, self.runtime.dtype) for n in names}
+
+        def how(name: str) -> Copy:
+            if name.startswith("embed_tokens."):
+                return Copy.HOST  # looked up on the CPU: 0.7 GB of table for a few hundred rows
+            return Copy.PLACEHOLDER if _block_of(name, names) else Copy.DEVICE
+        te = device_copy(module, device, self.runtime.dtype, how)
+        streamer = BlockStreamer([(te.get_submodule(n), self._host[n]) for n in names], device).attach()
+        try:
+            return encode_prompt(te, self.tokenizer, prompt).to("cpu")
+        finally:
+            streamer.close()
+            del te, streamer
+            free_device_cache(device)
+
+    def release(self) -> None:
+        self._host = {}
+
+
+class VAEHandle:
+    """The VAE: memory-mapped until a decode, copied to the device for it and freed after."""
+
+    def __init__(self, component: LoadedComponent, runtime: Runtime):
+        self.component, self.runtime = component, runtime
+
+    @contextmanager
+    def on_device(self) -> Iterator[nn.Module]:
+        if self.runtime.device.type == "cpu":
+            yield self.component.module
+            return
+        vae = device_copy(self.component.module, self.runtime.device, self.runtime.vae_dtype)
+        try:
+            yield vae
+        finally:
+            del vae
+            free_device_cache(self.runtime.device)
+
+    def release(self) -> None:
+        free_device_cache(self.runtime.device)
+
 
 @dataclass
 class ZImagePipelineParts:
-    transformer: ComponentHandle
+    transformer: TransformerHandle
     text_encoder: TextEncoderHandle
-    vae: ComponentHandle
+    vae: VAEHandle
     runtime: Runtime
 
     def release(self) -> None:

@@ -14,8 +14,12 @@ def encode_prompt(text_encoder: nn.Module, tokenizer, prompt: str) -> torch.Tens
     The encoder is causal, so running the prompt unpadded gives the same features as the
     diffusers pipeline's padded batch with the padding masked off, minus the wasted work.
     """
-    device = next(text_encoder.parameters()).device
-    ids = torch.tensor([token_ids(tokenizer, prompt)], device=device)
-    mask = torch.ones_like(ids, dtype=torch.bool)
-    out = text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    # The token table may stay in host memory (a streamed encoder): look the rows up where it
+    # is and bring only them to the device the layers run on.
+    table = text_encoder.embed_tokens.weight
+    device = text_encoder.norm.weight.device
+    ids = torch.tensor([token_ids(tokenizer, prompt)], device=table.device)
+    embeds = text_encoder.embed_tokens(ids).to(device)
+    mask = torch.ones(ids.shape, dtype=torch.bool, device=device)
+    out = text_encoder(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
     return out.hidden_states[-2][0]

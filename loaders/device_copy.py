@@ -1,0 +1,45 @@
+"""Copies of a module for the run's device, leaving the memory-mapped original untouched."""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from enum import Enum
+
+import torch
+from torch import nn
+
+
+class Copy(str, Enum):
+    DEVICE = "device"  # copied to the device
+    PLACEHOLDER = "placeholder"  # an empty tensor on the device: a streamer fills it per call
+    HOST = "host"  # the original tensor, left in host memory
+
+
+def device_copy(module: nn.Module, device: torch.device, dtype: torch.dtype | None = None,
+                how: Callable[[str], Copy] = lambda name: Copy.DEVICE) -> nn.Module:
+    """A copy of `module` whose tensors are placed as `how(name)` says.
+
+    If copying fails half-way (out of memory), what was already copied is freed before the
+    error goes on, so nothing is left behind on the GPU.
+    """
+    memo: dict[int, object] = {}
+    try:
+        for name, t in list(module.named_parameters(remove_duplicate=False)) + \
+                list(module.named_buffers(remove_duplicate=False)):
+            if id(t) in memo:
+                continue
+            target = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+            mode = how(name)
+            if mode == Copy.HOST:
+                moved = t
+            elif mode == Copy.PLACEHOLDER:
+                moved = torch.empty(0, dtype=target, device=device)
+            else:
+                moved = t.detach().to(device=device, dtype=target, copy=True)
+            memo[id(t)] = nn.Parameter(moved, requires_grad=False) if isinstance(t, nn.Parameter) else moved
+        return copy.deepcopy(module, memo)
+    except BaseException:
+        memo.clear()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+        raise

@@ -73,16 +73,23 @@ class TransformerHandle:
         where = dict(plan.blocks)
         layout = (plan.blocks, plan.storage)
         if self._layout != layout:
-            self.release()
+            # A new resolution or budget: host copies that the new plan keeps are reused.
+            kept = self._host
+            self._replica, self._layout = None, None
+            free_device_cache(self.runtime.device)
             names = list(where)
 
             def how(name: str) -> Copy:
                 b = _block_of(name, names)
                 return Copy.PLACEHOLDER if b is not None and where[b] != Where.GPU else Copy.DEVICE
             self._replica = device_copy(module, self.runtime.device, self.runtime.dtype, how)
-            self._host = {n: HostBlock(n, module.get_submodule(n), plan.storage.value if w == Where.PINNED else "bf16",
-                                       w == Where.PINNED, self.runtime.dtype)
-                          for n, w in plan.blocks if w in (Where.PINNED, Where.MAPPED)}
+            self._host = {}
+            for n, w in plan.blocks:
+                if w in (Where.PINNED, Where.MAPPED):
+                    storage, pinned = (plan.storage.value if w == Where.PINNED else "bf16"), w == Where.PINNED
+                    old = kept.get(n)
+                    self._host[n] = old if old is not None and (old.storage, old.pinned) == (storage, pinned) \
+                        else HostBlock(n, module.get_submodule(n), storage, pinned, self.runtime.dtype)
             self._layout = layout
         streamer = None
         if self._host:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from ..loaders.pipeline_loading import load_parts
+from ..loaders.placement import Storage
 from . import comfy_bridge as bridge
 
 
@@ -31,13 +32,23 @@ class ZImageShardedLoader:
             "vram_budget_gb": ("FLOAT", {
                 "default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5,
                 "tooltip": "VRAM the model may use, in GB, as nvidia-smi counts it. 0 = all free VRAM "
-                           "minus 1 GB. Parts that do not fit stay in system RAM and are swapped in."}),
+                           "minus 1 GB. Transformer blocks that do not fit are streamed from system RAM "
+                           "each step, hidden behind the compute of the resident ones."}),
+            "ram_budget_gb": ("FLOAT", {
+                "default": 0.0, "min": 0.0, "max": 4096.0, "step": 0.5,
+                "tooltip": "System RAM the streamed weights may pin, in GB. 0 = 3/4 of the RAM free now. "
+                           "Blocks beyond it stream straight from the model file (slower)."}),
+            "streamed_weights": ([s.value for s in Storage], {
+                "default": Storage.BF16.value,
+                "tooltip": "How streamed blocks are kept: bf16 (exact) or fp8 (half the bytes to copy, "
+                           "faster on small GPUs, a small quality cost). Resident blocks stay bf16."}),
         }}
 
-    def load(self, model, text_encoder, vae, vram_budget_gb):
+    def load(self, model, text_encoder, vae, vram_budget_gb, ram_budget_gb, streamed_weights):
         parts = load_parts(bridge.resolve("diffusion_models", model, "model"),
                            bridge.resolve("text_encoders", text_encoder, "text_encoder"),
                            bridge.resolve("vae", vae, "vae"), vram_budget_gb,
-                           comfy_tokenizer=bridge.comfy_tokenizer_folder())
+                           comfy_tokenizer=bridge.comfy_tokenizer_folder(), ram_budget_gb=ram_budget_gb,
+                           storage=streamed_weights)
         plan = parts.runtime.plan.summary()
         return {"ui": {"zimage_plan": [plan]}, "result": (parts, parts.text_encoder, parts.vae)}

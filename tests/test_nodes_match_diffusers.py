@@ -23,7 +23,7 @@ def comfy_tokenizer(monkeypatch, pack, tiny):
 
 def run_nodes(pack, tiny, prompt, seed, steps, cfg, width, height, negative=None, batch=1):
     m = pack.NODE_CLASS_MAPPINGS
-    loaded = m["ZImageShardedLoader"]().load(tiny["transformer"], tiny["text_encoder"], tiny["vae"], 0.0)
+    loaded = m["ZImageShardedLoader"]().load(tiny["transformer"], tiny["text_encoder"], tiny["vae"], 0.0, 0.0, "bf16")
     model, te, vae = loaded["result"]
     (pos,) = m["ZImageTextEncode"]().encode(te, prompt)
     neg = m["ZImageTextEncode"]().encode(te, negative)[0] if negative is not None else None

@@ -1,0 +1,60 @@
+"""Full-size random-weight Z-Image files in ComfyUI's layout (original key names), for benchmarks on
+the GPU machine: z_image_turbo_bf16.safetensors (12.3 GB), qwen_3_4b.safetensors (8.0 GB),
+ae.safetensors. Random weights cost exactly what the real ones cost."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from loaders import key_names  # noqa: E402
+from loaders.model_detection import scaffold_config  # noqa: E402
+from loaders.tiny_models import original_transformer_state, original_vae_state  # noqa: E402
+
+
+def _random_like(state: dict, device: str) -> dict:
+    gen = torch.Generator(device).manual_seed(0)
+    out = {}
+    for name, t in state.items():
+        if "pad_token" in name or (t.ndim == 1 and "norm" in name):
+            v = torch.ones(t.shape, dtype=torch.bfloat16)
+        elif t.ndim >= 2:
+            v = (torch.randn(t.shape, generator=gen, device=device, dtype=torch.float32) * 0.02).to(
+                torch.bfloat16).cpu()
+        else:
+            v = torch.zeros(t.shape, dtype=torch.bfloat16)
+        out[name] = v
+    return out
+
+
+def write(folder: str, device: str = "cuda") -> dict[str, str]:
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    paths = {"transformer": os.path.join(folder, "z_image_turbo_bf16.safetensors"),
+             "text_encoder": os.path.join(folder, "qwen_3_4b.safetensors"),
+             "vae": os.path.join(folder, "ae.safetensors")}
+    if all(os.path.exists(p) for p in paths.values()):
+        return paths
+    os.makedirs(folder, exist_ok=True)
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        tr = ZImageTransformer2DModel(**scaffold_config("transformer"))
+        te = Qwen3Model(Qwen3Config(**scaffold_config("text_encoder")))
+    save_file(original_transformer_state(_random_like(tr.state_dict(), device)), paths["transformer"])
+    save_file({key_names.TEXT_ENCODER_PREFIX + k: v for k, v in _random_like(te.state_dict(), device).items()},
+              paths["text_encoder"])
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**scaffold_config("vae"))
+    save_file(original_vae_state({k: v.contiguous() for k, v in vae.state_dict().items()}, 4), paths["vae"])
+    print(f"wrote full-size random files in {time.perf_counter() - t0:.0f} s", flush=True)
+    return paths
+
+
+if __name__ == "__main__":
+    print(write(sys.argv[1] if len(sys.argv) > 1 else "/tmp/zimage_full"))

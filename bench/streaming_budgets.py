@@ -1,0 +1,281 @@
+"""Seconds per 1024x1024 image (9 steps) under VRAM budgets, for the pack's planner and streaming
+engine, beside diffusers' memory modes, in one run on one GPU. Full-size random weights.
+
+Each budget caps PyTorch's allocator at (budget - the CUDA context measured at start) with
+torch.cuda.set_per_process_memory_fraction, so a plan that under-counts fails; nvidia-smi's
+device-wide figure (this process is alone on the GPU) is sampled every 50 ms.
+
+    python bench/streaming_budgets.py            # env: OUT (results folder), WORK (weights folder),
+                                                 #      TOKENIZER (Qwen tokenizer folder), QUICK=1
+Cases: (a) a new seed with the prompt's conditioning cached (the usual ComfyUI case),
+       (b) a new prompt each image.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from full_size_files import write  # noqa: E402
+
+from loaders.generation import decode, denoise  # noqa: E402
+from loaders.pipeline_loading import load_parts  # noqa: E402
+from loaders.placement import GiB, Storage, plan_memory  # noqa: E402
+
+OUT = os.environ.get("OUT", "/tmp")
+WORK = os.environ.get("WORK", "/tmp/zimage_full")
+TOKENIZER = os.environ.get("TOKENIZER", os.path.join(ROOT, ".bench_data", "qwen_tokenizer"))
+QUICK = os.environ.get("QUICK") == "1"
+STEPS, RES = 9, int(os.environ.get("RES", 1024))
+R: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": STEPS, "res": RES, "runs": {}}
+
+
+def log(k, v):
+    R[k] = v
+    print(k, v, flush=True)
+
+
+def save():
+    with open(os.path.join(OUT, "streaming_budgets.json"), "w") as f:
+        json.dump(R, f, indent=1)
+
+
+class SmiPeak:
+    """Highest device memory nvidia-smi reports while the block runs (MiB)."""
+
+    def __enter__(self):
+        self.peak, self.stop = 0, False
+
+        def poll():
+            while not self.stop:
+                try:
+                    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                          "-i", "0"], capture_output=True, text=True, timeout=5).stdout
+                    self.peak = max(self.peak, int(out.strip().splitlines()[0]))
+                except Exception:
+                    pass
+                time.sleep(0.05)
+        self.t = threading.Thread(target=poll, daemon=True)
+        self.t.start()
+        return self
+
+    def __exit__(self, *a):
+        self.stop = True
+        self.t.join()
+
+
+def sync():
+    torch.cuda.synchronize()
+
+
+def h2d_rate() -> float:
+    x = torch.empty(2**30, dtype=torch.uint8, pin_memory=True)
+    y = torch.empty_like(x, device="cuda")
+    for _ in range(2):
+        sync()
+        t = time.perf_counter()
+        y.copy_(x, non_blocking=True)
+        sync()
+        dt = time.perf_counter() - t
+    del x, y
+    return 2**30 / dt
+
+
+def psnr(a, b):
+    mse = torch.mean((a.float() - b.float()) ** 2).item()
+    return 10 * math.log10(1.0 / mse) if mse > 0 else float("inf")
+
+
+PROMPTS = [f"a red fox in the snow, photograph {i}" for i in range(20)]
+
+
+def run_pack(parts, label: str, budget_gb: float, storage: str, ctx: int, total: int, images: int = 3):
+    rt = parts.runtime
+    parts.release()
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(1.0 if budget_gb == 0 else (budget_gb * GiB - ctx) / total)
+    rt.vram_budget_gb, rt.storage = budget_gb, Storage(storage)
+    rt.plan = plan_memory(rt.sizes, rt.device, budget_gb, rt.ram_budget_gb, RES, RES, 1, storage)
+    plan = rt.plan
+    res = {"budget_gb": budget_gb, "storage": storage, "plan": plan.summary(),
+           "streamed_GB_per_step": round(plan.streamed_bytes_per_step / 1e9, 3),
+           "resident_GB": round(plan.resident_bytes / 1e9, 3), "planned_peak_GiB": round(plan.peak_bytes / GiB, 2)}
+    print(f"--- {label}\n{plan.summary()}", flush=True)
+    latent = torch.zeros(1, 16, RES // 8, RES // 8)
+    parts.text_encoder._cache.clear()
+    torch.cuda.reset_peak_memory_stats()
+    with SmiPeak() as smi:
+        pos = parts.text_encoder.encode(PROMPTS[0])
+        denoise(parts, pos, None, latent, seed=0, steps=STEPS)  # warm-up: replica, pinned copies
+        t_img, t_den, t_dec, samples = [], [], [], None
+        for s in range(1, images + 1):  # (a) new seed, cached conditioning
+            sync()
+            t0 = time.perf_counter()
+            out, rep = denoise(parts, pos, None, latent, seed=s, steps=STEPS)
+            sync()
+            t1 = time.perf_counter()
+            img = decode(parts.vae, out)
+            sync()
+            t2 = time.perf_counter()
+            t_img.append(t2 - t0)
+            t_den.append(t1 - t0)
+            t_dec.append(t2 - t1)
+            if s == 1:
+                samples = (out, img)
+        t_new = []
+        for i in range(1, 3):  # (b) a new prompt each image
+            sync()
+            t0 = time.perf_counter()
+            p = parts.text_encoder.encode(PROMPTS[i + len(R["runs"]) * 2])
+            out, _ = denoise(parts, p, None, latent, seed=10 + i, steps=STEPS)
+            decode(parts.vae, out)
+            sync()
+            t_new.append(time.perf_counter() - t0)
+    res.update({"s_per_image_cached_prompt": round(statistics.median(t_img), 3),
+                "s_per_image_new_prompt": round(statistics.median(t_new), 3),
+                "s_per_step": round(statistics.median(t_den) / STEPS, 4),
+                "decode_s": round(statistics.median(t_dec), 3),
+                "peak_alloc_GiB": round(torch.cuda.max_memory_allocated() / GiB, 2),
+                "peak_reserved_GiB": round(torch.cuda.max_memory_reserved() / GiB, 2),
+                "peak_process_GiB_incl_context": round((torch.cuda.max_memory_reserved() + ctx) / GiB, 2),
+                "nvidia_smi_peak_GiB": round(smi.peak / 1024, 2)})
+    R["runs"][label] = res
+    print(json.dumps(res), flush=True)
+    save()
+    return samples
+
+
+def run_diffusers(parts, pos, ctx, total):
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    parts.release()
+    tr = parts.transformer.component.module
+    vae = parts.vae.component.module.to(torch.bfloat16)
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    pipe = ZImagePipeline(scheduler=sched, vae=vae, text_encoder=parts.text_encoder.component.module,
+                          tokenizer=parts.text_encoder.tokenizer, transformer=tr)
+    emb = [pos.to(torch.bfloat16)]
+    sigmas = torch.linspace(1.0, 1 / STEPS, STEPS).tolist()
+
+    def gen(seed):
+        return pipe(prompt_embeds=[e.to("cuda") for e in emb], height=RES, width=RES, num_inference_steps=STEPS,
+                    sigmas=sigmas, guidance_scale=0.0, generator=torch.Generator("cuda").manual_seed(seed),
+                    output_type="pt")
+
+    def measure(tag):
+        gc.collect()
+        torch.cuda.empty_cache()
+        gen(0)
+        torch.cuda.reset_peak_memory_stats()
+        ts = []
+        with SmiPeak() as smi:
+            for s in (1, 2):
+                sync()
+                t = time.perf_counter()
+                gen(s)
+                sync()
+                ts.append(time.perf_counter() - t)
+        R["runs"][tag] = {"s_per_image_cached_prompt": round(min(ts), 3),
+                          "peak_reserved_GiB": round(torch.cuda.max_memory_reserved() / GiB, 2),
+                          "peak_process_GiB_incl_context": round((torch.cuda.max_memory_reserved() + ctx) / GiB, 2),
+                          "nvidia_smi_peak_GiB": round(smi.peak / 1024, 2)}
+        print(tag, R["runs"][tag], flush=True)
+        save()
+
+    modes = ["all_on_gpu", "group_offload_block_stream"] if QUICK else \
+        ["all_on_gpu", "model_cpu_offload", "group_offload_block_stream"]
+    for mode in modes:
+        try:
+            if mode == "all_on_gpu":
+                tr.to("cuda")
+                vae.to("cuda")
+                measure("diffusers_" + mode)
+                tr.to("cpu")
+            elif mode == "model_cpu_offload":
+                pipe.enable_model_cpu_offload()
+                measure("diffusers_" + mode)
+                pipe.remove_all_hooks()
+                for m in (tr, vae, pipe.text_encoder):
+                    m.to("cpu")
+            else:
+                vae.to("cuda")
+                tr.enable_group_offload(onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
+                                        offload_type="block_level", num_blocks_per_group=1, use_stream=True)
+                measure("diffusers_" + mode)
+        except Exception as e:
+            R["runs"]["diffusers_" + mode] = {"error": repr(e)[:300]}
+            print(mode, "failed", repr(e)[:300], flush=True)
+            save()
+
+
+def main():
+    log("h2d_pinned_GBps", round(h2d_rate() / 1e9, 1))
+    paths = write(WORK)
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    ctx = total - free - torch.cuda.memory_reserved()
+    log("cuda_context_GiB", round(ctx / GiB, 2))
+    t0 = time.perf_counter()
+    parts = load_parts(paths["transformer"], paths["text_encoder"], paths["vae"], 0, comfy_tokenizer=TOKENIZER)
+    log("load_parts_s", round(time.perf_counter() - t0, 2))
+    configs = [("unlimited_bf16", 0, "bf16"), ("16GiB_bf16", 16, "bf16"), ("12GiB_bf16", 12, "bf16"),
+               ("8GiB_bf16", 8, "bf16"), ("6GiB_bf16", 6, "bf16"), ("4GiB_bf16", 4, "bf16"),
+               ("8GiB_fp8", 8, "fp8"), ("6GiB_fp8", 6, "fp8"), ("4GiB_fp8", 4, "fp8")]
+    if QUICK:
+        configs = [c for c in configs if c[0] in ("unlimited_bf16", "8GiB_bf16", "4GiB_fp8")]
+    outputs = {}
+    for label, budget, storage in configs:
+        try:
+            outputs[label] = run_pack(parts, label, budget, storage, ctx, total)
+        except Exception as e:
+            R["runs"][label] = {"error": repr(e)[:500]}
+            print(label, "FAILED", repr(e)[:500], flush=True)
+            save()
+    ref = outputs.get("unlimited_bf16")
+    for label, o in outputs.items():
+        if ref is None or o is None or label == "unlimited_bf16":
+            continue
+        r = R["runs"][label]
+        r["latent_bitwise_equal_to_unlimited"] = bool(torch.equal(o[0], ref[0]))
+        r["image_psnr_vs_unlimited_dB"] = round(psnr(o[1], ref[1]), 2)
+        r["image_cosine_vs_unlimited"] = round(torch.nn.functional.cosine_similarity(
+            o[1].flatten().double(), ref[1].flatten().double(), dim=0).item(), 6)
+    rate = R["h2d_pinned_GBps"] * 1e9
+    base = R["runs"].get("unlimited_bf16", {}).get("s_per_step")
+    for label, r in R["runs"].items():
+        if "s_per_step" in r and base:
+            r["copy_bound_s_per_step"] = round(r["streamed_GB_per_step"] * 1e9 / rate, 4)
+            r["target_s_per_step"] = round(1.05 * max(base, r["copy_bound_s_per_step"]), 4)
+    save()
+    pos = parts.text_encoder.encode(PROMPTS[0])
+    run_diffusers(parts, pos, ctx, total)
+    base_img = R["runs"].get("unlimited_bf16", {}).get("s_per_image_cached_prompt")
+    print(f"\nGPU: {R['gpu']}   h2d pinned {R['h2d_pinned_GBps']} GB/s   context {R['cuda_context_GiB']} GiB")
+    print(f"{'run':34s} {'s/img(a)':>8s} {'s/img(b)':>8s} {'s/step':>7s} {'target':>7s} {'ratio':>6s} "
+          f"{'peakGiB':>7s} {'smiGiB':>7s}")
+    for label, r in R["runs"].items():
+        a = r.get("s_per_image_cached_prompt")
+        print(f"{label:34s} {a or float('nan'):8.3f} {r.get('s_per_image_new_prompt', float('nan')):8.3f} "
+              f"{r.get('s_per_step', float('nan')):7.4f} {r.get('target_s_per_step', float('nan')):7.4f} "
+              f"{(a / base_img) if a and base_img else float('nan'):6.2f} "
+              f"{r.get('peak_process_GiB_incl_context', float('nan')):7.2f} {r.get('nvidia_smi_peak_GiB', 0):7.2f}"
+              + (f"  ERROR {r['error'][:80]}" if "error" in r else ""))
+    save()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""A real ComfyUI server for the end-to-end tests: its base folder, its process and its HTTP API.
+
+Opt-in: COMFYUI_DIR names a ComfyUI checkout (0.8.0 or newer) and COMFYUI_PYTHON the Python that
+runs it (default: the one running pytest). Without COMFYUI_DIR every e2e test is skipped.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PACK_ROOT = os.path.dirname(os.path.dirname(HERE))
+EXAMPLE_WORKFLOWS = os.path.join(PACK_ROOT, "example_workflows")
+LAUNCHER = os.path.join(HERE, "comfy_launcher.py")
+PROBE_NODE = os.path.join(HERE, "probe_node.py")
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR", "")
+COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON") or sys.executable
+SKIP_REASON = ("end-to-end tests against a real ComfyUI are opt-in: set COMFYUI_DIR to a ComfyUI checkout "
+               "(and COMFYUI_PYTHON to the Python that runs it)") if not COMFYUI_DIR else None
+
+# The file names the example workflows use; the tests put the tiny models there.
+OFFICIAL_NAMES = {"transformer": ("diffusion_models", "z_image_turbo_bf16.safetensors"),
+                  "text_encoder": ("text_encoders", "qwen_3_4b.safetensors"),
+                  "vae": ("vae", "ae.safetensors")}
+OUR_NODES = ("ZImageShardedLoader", "ZImageTextEncode", "ZImageSampler", "ZImageVAEDecodeLazy")
+
+STARTUP_TIMEOUT_S = 180.0
+RUN_TIMEOUT_S = 180.0
+_seeds = itertools.count(int(time.time()) % 100_000 * 1000)
+
+
+def unique_seed() -> int:
+    """A seed no other run of this session used: ComfyUI serves an unchanged prompt from its cache."""
+    return next(_seeds)
+
+
+def check_comfyui_dir() -> str:
+    main_py = os.path.join(COMFYUI_DIR, "main.py")
+    if not os.path.isfile(main_py):
+        raise RuntimeError(f"COMFYUI_DIR={COMFYUI_DIR!r} is not a ComfyUI checkout: {main_py} does not exist")
+    return os.path.abspath(COMFYUI_DIR)
+
+
+def make_base_dir(base: str, tiny: dict[str, str]) -> str:
+    """A ComfyUI base directory: the tiny models under the official names, this pack in custom_nodes,
+    the probe node beside it, and settings that skip the first-run tutorial."""
+    for key, (folder, name) in OFFICIAL_NAMES.items():
+        os.makedirs(os.path.join(base, "models", folder), exist_ok=True)
+        os.symlink(tiny[key], os.path.join(base, "models", folder, name))
+    custom = os.path.join(base, "custom_nodes")
+    os.makedirs(custom, exist_ok=True)
+    os.symlink(PACK_ROOT, os.path.join(custom, "zimage-nodes"), target_is_directory=True)
+    os.makedirs(os.path.join(custom, "zimage_e2e_probe"))
+    shutil.copy(PROBE_NODE, os.path.join(custom, "zimage_e2e_probe", "__init__.py"))
+    os.makedirs(os.path.join(base, "user", "default"), exist_ok=True)
+    with open(os.path.join(base, "user", "default", "comfy.settings.json"), "w") as f:
+        json.dump({"Comfy.TutorialCompleted": True}, f)
+    return base
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    """One ComfyUI process on 127.0.0.1, started in its own process group and always stopped."""
+
+    def __init__(self, comfy_dir: str, base_dir: str, log_path: str):
+        self.comfy_dir, self.base_dir, self.log_path = comfy_dir, base_dir, log_path
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.output_dir = os.path.join(base_dir, "output")
+        self.proc: subprocess.Popen | None = None
+
+    # --- process -----------------------------------------------------------------------------
+    def start(self) -> None:
+        cmd = [COMFYUI_PYTHON, LAUNCHER, self.comfy_dir, "--cpu", "--base-directory", self.base_dir,
+               "--disable-api-nodes", "--database-url", "sqlite:///:memory:",
+               "--listen", "127.0.0.1", "--port", str(self.port)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with status {self.proc.returncode} while starting:\n"
+                                   + self.log_tail())
+            try:
+                self.get("/object_info", timeout=10)
+                return
+            except (OSError, urllib.error.URLError):
+                time.sleep(1.0)
+        self.stop()
+        raise RuntimeError(f"ComfyUI did not answer {self.url}/object_info within {STARTUP_TIMEOUT_S:.0f} s:\n"
+                           + self.log_tail())
+
+    def stop(self) -> None:
+        """SIGTERM to the server's own process group, SIGKILL if it is still there after 15 s."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.proc.wait(timeout=wait_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        self._log.close()
+        self.proc = None
+
+    def log_tail(self, chars: int = 6000) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()[-chars:]
+        except OSError:
+            return "(no log)"
+
+    # --- HTTP ----------------------------------------------------------------------------------
+    def get(self, path: str, timeout: float = 30):
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, body: dict, timeout: float = 30):
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            data = r.read()
+        return json.loads(data) if data else None
+
+    def queue(self, prompt: dict, client_id: str | None = None) -> str:
+        """POST /prompt; returns the prompt id. A prompt that fails validation raises with ComfyUI's answer."""
+        body = {"prompt": prompt, "client_id": client_id or uuid.uuid4().hex}
+        try:
+            answer = self.post("/prompt", body)
+        except urllib.error.HTTPError as err:
+            raise AssertionError(f"ComfyUI refused the prompt ({err.code}): {err.read().decode(errors='replace')}")
+        assert not answer.get("node_errors"), answer
+        return answer["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = RUN_TIMEOUT_S) -> dict:
+        """Poll /history/{id} until the run has finished (either way); returns its history entry."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self.get(f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id)
+            if entry is not None and entry.get("status", {}).get("status_str") in ("success", "error"):
+                return entry
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError("ComfyUI died during the run:\n" + self.log_tail())
+            time.sleep(0.25)
+        raise AssertionError(f"prompt {prompt_id} did not finish within {timeout:.0f} s:\n" + self.log_tail())
+
+    def run(self, prompt: dict, timeout: float = RUN_TIMEOUT_S) -> dict:
+        return self.wait(self.queue(prompt), timeout)
+
+
+def messages(entry: dict) -> dict[str, list[dict]]:
+    """A history entry's status messages by type (execution_start, execution_error, ...)."""
+    out: dict[str, list[dict]] = {}
+    for kind, data in entry.get("status", {}).get("messages", []):
+        out.setdefault(kind, []).append(data)
+    return out
+
+
+def describe(entry: dict) -> str:
+    """The parts of a history entry that say why a run failed, for assertion messages."""
+    msgs = messages(entry)
+    errors = [{k: e.get(k) for k in ("node_id", "node_type", "exception_type", "exception_message")}
+              | {"traceback": "".join(e.get("traceback", []))[-3000:]} for e in msgs.get("execution_error", [])]
+    return json.dumps({"status": entry.get("status", {}).get("status_str"), "errors": errors,
+                       "interrupted": msgs.get("execution_interrupted"), "outputs": entry.get("outputs")}, indent=1)
+
+
+def load_workflow(name: str) -> dict:
+    with open(os.path.join(EXAMPLE_WORKFLOWS, name)) as f:
+        return json.load(f)
+
+
+def to_api(workflow: dict, object_info: dict) -> dict:
+    """UI-format workflow -> API prompt, as the frontend's graphToPrompt does (comfy-cli's port of it)."""
+    from comfy_cli.workflow_to_api import convert_ui_to_api
+
+    prompt = convert_ui_to_api(workflow, object_info)
+    return {node_id: {k: v for k, v in node.items() if k != "_meta"} for node_id, node in prompt.items()}
+
+
+def node_id(prompt: dict, class_type: str) -> str:
+    ids = [i for i, n in prompt.items() if n["class_type"] == class_type]
+    assert len(ids) == 1, f"expected one {class_type} node in the prompt, found {ids}"
+    return ids[0]
+
+
+def shrink(prompt: dict, size: int = 64, steps: int = 2) -> dict:
+    """Small and quick for a CPU: size x size pixels, `steps` steps, a fresh seed."""
+    latent = prompt[node_id(prompt, "EmptySD3LatentImage")]["inputs"]
+    latent.update(width=size, height=size)
+    sampler = prompt[node_id(prompt, "ZImageSampler")]["inputs"]
+    sampler.update(steps=steps, seed=unique_seed())
+    return prompt

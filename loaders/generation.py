@@ -86,7 +86,7 @@ def denoise(parts: ZImagePipelineParts, positive: torch.Tensor, negative: torch.
             out = sampling.sample(v, latent, seed, steps, sampler, shift, denoise,
                                   sampling.StepHooks(hooks.check_interrupt, timed))
     except BaseException:
-        free_device_cache(rt.device)  # activations of the failed step
+        free_device_cache(rt.device, collect=True)  # activations of the failed step
         raise
     per_step = (times[-1] - start) / len(times)
     return out, DenoiseReport(backend.value, per_step, steps, plan.summary())

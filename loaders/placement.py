@@ -5,9 +5,9 @@ Transformer: its small stem (embedders, final layer) is always on the GPU; each 
 repeated blocks is either resident on the GPU or streamed each step from pinned host memory
 (or, when pinned RAM is short, from the memory-mapped file). Streamed blocks are spread evenly
 between resident ones so their copies hide behind the resident blocks' compute.
-Text encoder: runs once per new prompt and leaves nothing on the GPU: copied whole if it fits
-beside the transformer, else streamed layer by layer. VAE: copied for the decode only; tiled
-when the untiled decode would not fit.
+Text encoder: runs once per new prompt and leaves nothing on the GPU: streamed layer by layer
+(from pinned RAM: 8 GB in ~0.15 s on PCIe 5; a whole copy from the mapped file took 1.7 s).
+VAE: copied for the decode only; tiled when the untiled decode would not fit.
 
 All sizes are bytes; the GPU phases (encode, denoise, decode) are each checked against the
 budget, so the plan's peak is what the allocator may reach.
@@ -24,21 +24,21 @@ from .errors import ZImageError
 
 GiB = 2**30
 MiB = 2**20
-# nvidia-smi counts the CUDA context (cuBLAS workspaces included) against the process:
-# measured 0.5 GiB on an H100 with torch 2.x.
-CUDA_CONTEXT_BYTES = 512 * MiB
+# What nvidia-smi counts against the process beyond PyTorch's reserved memory (CUDA context,
+# cuBLAS workspaces, event and stream state): measured 0.78 GiB on an H200 with torch 2.11.
+CUDA_CONTEXT_BYTES = 800 * MiB
 AUTO_MARGIN_BYTES = 1 * GiB  # left free under "automatic" for the desktop and other programs
-# Allocator slack: reserved minus allocated, measured a few percent in streaming runs.
-SLACK_BYTES = 256 * MiB
+# Allocator slack: reserved minus allocated, measured up to 0.42 GiB in streaming runs.
+SLACK_BYTES = 512 * MiB
 # Denoise working memory: a fixed part plus bytes per token per image in the batch
 # (hidden states, the SwiGLU intermediate, attention inputs; calibrated in bench/).
 WORK_FIXED_BYTES = 256 * MiB
 WORK_BYTES_PER_TOKEN = 96 * 1024
 CAPTION_TOKENS = 512  # the most a prompt can have (the pipeline's max length)
 ENCODE_WORK_BYTES = 256 * MiB  # Qwen3-4B activations for a 512-token prompt
-# Flux VAE decode in bf16: ~1.4 kB per output pixel untiled; tiled decode works on 512x512
-# tiles (plus the output image, fp32).
-DECODE_BYTES_PER_PIXEL = 1400
+# Flux VAE decode in bf16: ~2.6 kB per output pixel untiled (a 1024x1024 decode peaks ~2.5 GiB
+# above its weights on an H200); tiled decode works on 512x512 tiles (plus the output image, fp32).
+DECODE_BYTES_PER_PIXEL = 2600
 DECODE_TILE = 512
 N_BUFFERS = 2
 
@@ -120,7 +120,7 @@ class MemoryPlan:
     batch: int  # images per model call (CFG doubles it)
     storage: Storage
     blocks: tuple[tuple[str, Where], ...]
-    text_encoder: str  # "swapped" (copied whole, freed after) or "streamed"
+    text_encoder: str  # "streamed" (layer by layer, nothing left after), or "cpu"
     text_encoder_host: Where  # where a streamed text encoder's layers come from
     vae_tiled: bool
     sizes: ModelSizes
@@ -195,6 +195,16 @@ def _spread(n_total: int, n_resident: int) -> list[bool]:
     return [(i + 1) * n_resident // n_total - i * n_resident // n_total == 1 for i in range(n_total)]
 
 
+def _resident_set(names: list[str], k: int) -> list[bool]:
+    """k resident blocks: the context refiners first (they see only the caption's few tokens, so a
+    streamed one would leave its copy time uncovered), the rest spread evenly over the others."""
+    cheap = [i for i, n in enumerate(names) if n.startswith("context_refiner.")]
+    chosen = set(cheap[:k])
+    rest = [i for i in range(len(names)) if i not in cheap]
+    chosen |= {i for i, r in zip(rest, _spread(len(rest), max(0, k - len(cheap)))) if r}
+    return [i in chosen for i in range(len(names))]
+
+
 def available_host_bytes() -> int:
     """Memory the OS can give us now (Linux MemAvailable; psutil elsewhere, as ComfyUI has it)."""
     try:
@@ -266,35 +276,32 @@ def plan_memory(sizes: ModelSizes, device: torch.device | str, budget_gb: float 
         if not streamed:
             return 0
         staging = min(N_BUFFERS, len(streamed)) * max(stage(b, w) for b, w in streamed)
-        fp8_compute = max(b for b, w in streamed if w == Where.PINNED) if storage == Storage.FP8 and any(
-            w == Where.PINNED for _, w in streamed) else 0
+        # fp8 blocks are dequantised on the copy stream into one bf16 buffer per slot
+        fp8_compute = min(N_BUFFERS, len(streamed)) * max(b for b, w in streamed if w == Where.PINNED) \
+            if storage == Storage.FP8 and any(w == Where.PINNED for _, w in streamed) else 0
         return staging + fp8_compute
 
-    te_swap = sizes.text_encoder + ENCODE_WORK_BYTES
     te_stream = sizes.text_encoder_stem + min(N_BUFFERS, len(sizes.text_encoder_blocks)) * max(
         sizes.text_encoder_blocks) + ENCODE_WORK_BYTES
 
-    def phases(where: list[Where], te_mode: str, tiled: bool) -> dict[str, int]:
+    def phases(where: list[Where], tiled: bool) -> dict[str, int]:
         res = sizes.transformer_stem + sum(b for b, w in zip(blocks, where) if w == Where.GPU)
-        return {"encode": base + res + (te_swap if te_mode == "swapped" else te_stream),
+        return {"encode": base + res + te_stream,
                 "denoise": base + res + buffers(where) + work,
                 "decode": base + res + sizes.vae + decode_work_bytes(height, width, batch, tiled)}
 
     chosen = None
     for k in range(n, -1, -1):  # most resident blocks first
-        where, pinned = place(_spread(n, k))
-        for te_mode in ("swapped", "streamed"):
-            for tiled in (False, True):
-                ph = phases(where, te_mode, tiled)
-                if max(ph.values()) <= budget:
-                    chosen = (where, pinned, te_mode, tiled, ph)
-                    break
-            if chosen:
+        where, pinned = place(_resident_set([name for name, _ in sizes.transformer_blocks], k))
+        for tiled in (False, True):
+            ph = phases(where, tiled)
+            if max(ph.values()) <= budget:
+                chosen = (where, pinned, tiled, ph)
                 break
         if chosen:
             break
     if chosen is None:
-        least = phases(place([False] * n)[0], "streamed", True)
+        least = phases(place([False] * n)[0], True)
         need = max(least.values())
         raise ZImageError(
             "the VRAM budget is too small for Z-Image even with every block streamed",
@@ -304,9 +311,8 @@ def plan_memory(sizes: ModelSizes, device: torch.device | str, budget_gb: float 
             found=f"{budget / GiB:.1f} GB" + (" free" if budget_gb == 0 else ""),
             fix=f"raise vram_budget_gb to {need / GiB:.1f} or more, use fp8 streaming, lower the resolution or "
                 "batch, or close other GPU programs.")
-    where, pinned, te_mode, tiled, ph = chosen
+    where, pinned, tiled, ph = chosen
     placed = tuple((name, w) for (name, _), w in zip(sizes.transformer_blocks, where))
-    te_host = Where.PINNED if te_mode == "streamed" and pinned + sum(sizes.text_encoder_blocks) <= host_budget \
-        else Where.MAPPED
-    return MemoryPlan(str(device), budget, host_budget, height, width, batch, storage, placed, te_mode,
+    te_host = Where.PINNED if pinned + sum(sizes.text_encoder_blocks) <= host_budget else Where.MAPPED
+    return MemoryPlan(str(device), budget, host_budget, height, width, batch, storage, placed, "streamed",
                       te_host, tiled, sizes, ph)

@@ -9,8 +9,9 @@ per step, and no module is moved with `.to()`.
 On a CPU device the same engine runs with synchronous copies, so its logic is testable anywhere.
 
 Storage: "bf16" copies weights as they are; "fp8" keeps each streamed matrix in float8_e4m3fn
-with one float32 scale per output row (per-row absmax / 448) and dequantises it into a bf16
-compute buffer on the compute stream right before the block runs: half the bytes over PCIe.
+with one float32 scale per output row (per-row absmax / 448): half the bytes over PCIe. It is
+dequantised into the slot's bf16 buffer on the copy stream right after its copy, so the
+compute stream never waits for it.
 """
 from __future__ import annotations
 
@@ -103,17 +104,23 @@ class HostBlock:
             view = stage[e.stage_off:e.stage_off + e.numel * e.dtype.itemsize].view(e.dtype).view(e.shape)
             view.copy_(src.to(e.dtype) if src.dtype != e.dtype else src, non_blocking=non_blocking)
 
+    def dequantize(self, stage: torch.Tensor, compute: torch.Tensor) -> None:
+        """fp8 entries of `stage` -> bf16 in `compute` (on the current stream)."""
+        for e in self.entries:
+            if e.stage_dtype == torch.float8_e4m3fn:
+                w8 = stage[e.stage_off:e.stage_off + e.numel].view(torch.float8_e4m3fn).view(e.shape)
+                scale = stage[e.scale_off:e.scale_off + e.shape[0] * 4].view(torch.float32)
+                t = compute[e.compute_off:e.compute_off + e.numel * e.dtype.itemsize].view(e.dtype).view(e.shape)
+                t.copy_(w8)  # exact: every e4m3 value is a bf16 value
+                t.mul_(scale[:, None])
+
     def views(self, stage: torch.Tensor, compute: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """The block's tensors on the device; fp8 entries are dequantised into `compute` first."""
+        """The block's tensors on the device (fp8 entries from `compute`, once dequantised)."""
         out = {}
         for e in self.entries:
             nbytes = e.numel * e.dtype.itemsize
             if e.stage_dtype == torch.float8_e4m3fn:
-                w8 = stage[e.stage_off:e.stage_off + e.numel].view(torch.float8_e4m3fn).view(e.shape)
-                scale = stage[e.scale_off:e.scale_off + e.shape[0] * 4].view(torch.float32)
                 t = compute[e.compute_off:e.compute_off + nbytes].view(e.dtype).view(e.shape)
-                t.copy_(w8)  # exact: every e4m3 value is a bf16 value
-                t.mul_(scale[:, None])
             else:
                 t = stage[e.stage_off:e.stage_off + nbytes].view(e.dtype).view(e.shape)
             out[e.name] = t
@@ -135,7 +142,8 @@ class BlockStreamer:
         self.stage = [torch.empty(stage_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.n)]
         fp8 = any(h.quantized for _, h in self.blocks)
         compute_bytes = max(h.compute_bytes for _, h in self.blocks)
-        self.compute = torch.empty(compute_bytes, dtype=torch.uint8, device=self.device) if fp8 else None
+        self.compute = [torch.empty(compute_bytes, dtype=torch.uint8, device=self.device)
+                        for _ in range(self.n)] if fp8 else None
         self.index = {id(m): i for i, (m, _) in enumerate(self.blocks)}
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
@@ -153,7 +161,7 @@ class BlockStreamer:
 
     @property
     def device_bytes(self) -> int:
-        return sum(s.numel() for s in self.stage) + (self.compute.numel() if self.compute is not None else 0)
+        return sum(s.numel() for s in self.stage + (self.compute or []))
 
     def attach(self) -> "BlockStreamer":
         for m, _ in self.blocks:
@@ -181,9 +189,13 @@ class BlockStreamer:
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(self.freed[slot])
                 host.copy_into(self.stage[slot], non_blocking=True)
+                if host.quantized:
+                    host.dequantize(self.stage[slot], self.compute[slot])
                 self.copied[slot].record(self.copy_stream)
         else:
             host.copy_into(self.stage[slot], non_blocking=False)
+            if host.quantized:
+                host.dequantize(self.stage[slot], self.compute[slot])
         self._pending[pos] = slot
         self.copies += 1
         self.bytes_copied += host.stage_bytes
@@ -222,7 +234,7 @@ class BlockStreamer:
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
         _, host = self.blocks[pos]
-        self._bind(module, host.views(self.stage[slot], self.compute))
+        self._bind(module, host.views(self.stage[slot], self.compute[slot] if self.compute else None))
 
     def _after(self, module: nn.Module, args, output) -> None:
         pos = self.index[id(module)]

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from conftest import ROOT
+from pack_testing import ROOT
 
 
 def test_generate_without_weights_uses_the_demo_model_and_writes_a_png(tmp_path):

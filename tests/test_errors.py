@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import live_tensors, mapped_files
+from pack_testing import live_tensors, mapped_files
 
 
 def _write(path, tensors):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import mapped_files
+from pack_testing import mapped_files
 
 
 def _loading():

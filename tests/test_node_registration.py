@@ -4,7 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conftest import ROOT
+from pack_testing import ROOT
 
 COMFY_WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 NUMBER_KEYS = {"default", "min", "max", "step", "round"}

@@ -39,8 +39,8 @@ def test_sizes_of_the_real_model(sizes):
 
 def test_everything_resident_when_the_budget_holds_it(sizes):
     p = plan(sizes, 0)
-    assert all(w.value == "gpu" for _, w in p.blocks) and p.text_encoder == "swapped" and not p.vae_tiled
-    assert p.streamed_bytes_per_step == 0 and p.pinned_bytes == 0
+    assert all(w.value == "gpu" for _, w in p.blocks) and p.text_encoder == "streamed" and not p.vae_tiled
+    assert p.streamed_bytes_per_step == 0 and p.pinned_bytes == sum(sizes.text_encoder_blocks)
 
 
 @pytest.mark.parametrize("budget", [4, 6, 8, 12, 16])
@@ -57,6 +57,8 @@ def test_plan_streams_late_and_early_blocks_alike_when_budget_is_8gb(sizes):
     # spread evenly: never more than two streamed blocks in a row, so copies hide behind compute
     runs = "".join("s" if s else "r" for s in streamed).split("r")
     assert max(len(r) for r in runs) <= 2
+    # the context refiners (caption tokens only, almost no compute to hide a copy) stay resident
+    assert all(w.value == "gpu" for n, w in p.blocks if n.startswith("context_refiner."))
     assert p.text_encoder == "streamed" and p.vae_tiled
 
 
@@ -67,8 +69,10 @@ def test_more_budget_means_more_resident_blocks(sizes):
 
 def test_fp8_storage_halves_the_bytes_streamed_per_step(sizes):
     bf16, fp8 = plan(sizes, 6), plan(sizes, 6, storage="fp8")
-    assert fp8.streamed == bf16.streamed
-    assert 0.49 < fp8.streamed_bytes_per_step / bf16.streamed_bytes_per_step < 0.52
+    per_block = [p.streamed_bytes_per_step / len(p.streamed) for p in (bf16, fp8)]
+    assert 0.49 < per_block[1] / per_block[0] < 0.52
+    # its bf16 dequantisation buffers cost about one resident block
+    assert 0 <= len(fp8.streamed) - len(bf16.streamed) <= 2
 
 
 def test_host_ram_fallback_streams_from_the_mapped_file_when_pinned_ram_is_short(sizes):

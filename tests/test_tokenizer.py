@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import qwen_tokenizer_dir
+from pack_testing import qwen_tokenizer_dir
 
 PROMPTS = ["a red fox in the snow, photograph, 35mm", "", "Ein Fuchs im Schnee 🦊, 雪の中の狐",
            "  leading spaces and\nnew lines\t"]

@@ -111,6 +111,7 @@ def sample(velocity: Velocity, latent: torch.Tensor, seed: int, steps: int, samp
     noise = make_noise(tuple(latent.shape), seed)
     clean = latent_to_model(latent.to(torch.float32).cpu())
     x = sig[0] * noise + (1.0 - sig[0]) * clean if denoise < 1.0 else noise
+    levels = sig.tolist()  # branch on host floats: testing a GPU tensor would sync every step
     device = getattr(velocity, "device", None)
     if device is not None:
         x, sig = x.to(device), sig.to(device)
@@ -122,7 +123,7 @@ def sample(velocity: Velocity, latent: torch.Tensor, seed: int, steps: int, samp
         denoised = x - s * v
         if sampler == SamplerName.EULER:
             x = x + (s_next - s) * v  # diffusers' scheduler.step, same float32 arithmetic
-        elif old_denoised is None or s_next == 0:
+        elif old_denoised is None or levels[i + 1] == 0:
             x = x + (x - denoised) / s * (s_next - s)  # k-diffusion's Euler through to_d()
         else:
             x = _res_multistep_update(x, denoised, old_denoised, sig[i - 1], s, s_next)

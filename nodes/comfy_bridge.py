@@ -65,8 +65,12 @@ def comfy_tokenizer_folder() -> str | None:
         import comfy
     except ImportError:
         return None
-    folder = os.path.join(os.path.dirname(comfy.__file__), "text_encoders", "qwen25_tokenizer")
-    return folder if os.path.isdir(folder) else None
+    # ComfyUI's comfy/ has no __init__.py: a namespace package, whose __file__ is None.
+    for base in getattr(comfy, "__path__", None) or []:
+        folder = os.path.join(base, "text_encoders", "qwen25_tokenizer")
+        if os.path.isdir(folder):
+            return folder
+    return None
 
 
 def step_hooks(steps: int) -> StepHooks:

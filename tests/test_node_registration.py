@@ -58,3 +58,18 @@ def test_importing_the_pack_does_not_import_diffusers_or_transformers():
             "print(sorted(k for k in ('diffusers', 'transformers') if k in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_comfyui_tokenizer_is_found_in_its_namespace_package(pack, tmp_path, monkeypatch):
+    """ComfyUI's comfy/ has no __init__.py, so the module has __path__ but no __file__."""
+    import types
+
+    from zimage_nodes.nodes import comfy_bridge
+
+    tok = tmp_path / "comfy" / "text_encoders" / "qwen25_tokenizer"
+    tok.mkdir(parents=True)
+    fake = types.ModuleType("comfy")
+    fake.__path__ = [str(tmp_path / "comfy")]
+    fake.__file__ = None
+    monkeypatch.setitem(__import__("sys").modules, "comfy", fake)
+    assert comfy_bridge.comfy_tokenizer_folder() == str(tok)

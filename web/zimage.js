@@ -16,6 +16,9 @@ function showReport(node, text) {
         // serialize: false keeps the report out of saved workflows and out of widgets_values,
         // so adding it never shifts the values of the node's real inputs.
         widget = node.addWidget("text", WIDGET_NAME, text, () => {}, { serialize: false });
+        // The option only keeps it out of the API prompt; the saved workflow's widgets_values
+        // follow the widget's own flag.
+        widget.serialize = false;
     }
     widget.value = text;
     if (widget.inputEl) {

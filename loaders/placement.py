@@ -40,7 +40,9 @@ ENCODE_WORK_BYTES = 256 * MiB  # Qwen3-4B activations for a 512-token prompt
 # above its weights on an H200); tiled decode works on 512x512 tiles (plus the output image, fp32).
 DECODE_BYTES_PER_PIXEL = 2600
 DECODE_TILE = 512
-N_BUFFERS = 2
+# Prefetch depth of the streamer: with 2, copies stalled where block compute times vary
+# (refiners vs layers); 3 costs one resident block and hides them (H100, bench/).
+N_BUFFERS = 3
 
 
 class Where(str, Enum):

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .placement import N_BUFFERS
+
 _ALIGN = 256  # byte alignment of every tensor inside a buffer (CUDA kernels like aligned rows)
 FP8_MAX = 448.0  # largest normal float8_e4m3fn
 
@@ -131,7 +133,8 @@ class BlockStreamer:
     """Streams `blocks` (in the order the model calls them, every forward) through `n_buffers`
     device buffers. `attach()` hooks the blocks, `close()` unhooks them and frees every buffer."""
 
-    def __init__(self, blocks: Sequence[tuple[nn.Module, HostBlock]], device: torch.device, n_buffers: int = 2):
+    def __init__(self, blocks: Sequence[tuple[nn.Module, HostBlock]], device: torch.device,
+                 n_buffers: int = N_BUFFERS):
         if not blocks:
             raise ValueError("nothing to stream")
         self.device = torch.device(device)

@@ -58,8 +58,9 @@ def test_each_streamed_block_is_copied_once_per_step_through_a_fixed_pool(parts)
     use_plan(parts, ["pinned", "gpu", "pinned", "pinned"])
     run(parts, steps=4)
     s = parts.transformer.last_streamer
-    # two buffers filled at attach, then one copy per streamed block call: 3 blocks x 4 steps
-    assert s.copies == 2 + 3 * 4
+    # the pool (3 buffers for 3 streamed blocks) filled at attach, then one copy per streamed
+    # block call: 3 blocks x 4 steps
+    assert s.n == 3 and s.copies == 3 + 3 * 4
     assert len(s.stage) == 0  # closed after the run: the buffers are gone
 
 

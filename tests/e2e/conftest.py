@@ -6,18 +6,15 @@ Opt-in: without COMFYUI_DIR every test here is skipped (see e2e_helpers.SKIP_REA
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import e2e_helpers as h  # noqa: E402
+from . import e2e_helpers as h
 
 if not h.SKIP_REASON:
     # transformers (which the tiny models need here) imports torchvision; make a torchvision
     # built for another torch importable, as the launcher does for ComfyUI.
-    from comfy_launcher import make_torchvision_importable  # noqa: E402
+    from .comfy_launcher import make_torchvision_importable
 
     make_torchvision_importable()
 
@@ -62,6 +59,7 @@ def full_size_vae(comfy_base) -> str:
     import torch
     from diffusers import AutoencoderKL
     from safetensors.torch import save_file
+
     from zimage_nodes.loaders.model_detection import scaffold_config
     from zimage_nodes.loaders.tiny_models import original_vae_state
 

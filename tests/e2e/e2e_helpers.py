@@ -55,7 +55,7 @@ def check_comfyui_dir() -> str:
 
 def make_base_dir(base: str, tiny: dict[str, str]) -> str:
     """A ComfyUI base directory: the tiny models under the official names, this pack in custom_nodes,
-    the probe node beside it, and settings that skip the first-run tutorial."""
+    the probe node beside it, and the frontend's settings."""
     for key, (folder, name) in OFFICIAL_NAMES.items():
         os.makedirs(os.path.join(base, "models", folder), exist_ok=True)
         os.symlink(tiny[key], os.path.join(base, "models", folder, name))
@@ -66,7 +66,8 @@ def make_base_dir(base: str, tiny: dict[str, str]) -> str:
     shutil.copy(PROBE_NODE, os.path.join(custom, "zimage_e2e_probe", "__init__.py"))
     os.makedirs(os.path.join(base, "user", "default"), exist_ok=True)
     with open(os.path.join(base, "user", "default", "comfy.settings.json"), "w") as f:
-        json.dump({"Comfy.TutorialCompleted": True}, f)
+        # no first-run tutorial; no minimap or canvas statistics over the screenshot
+        json.dump({"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False}, f)
     return base
 
 
@@ -91,7 +92,8 @@ class ComfyServer:
         cmd = [COMFYUI_PYTHON, LAUNCHER, self.comfy_dir, "--cpu", "--base-directory", self.base_dir,
                "--disable-api-nodes", "--database-url", "sqlite:///:memory:",
                "--listen", "127.0.0.1", "--port", str(self.port)]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                   ZIMAGE_E2E_PARENT_PID=str(os.getpid()))
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)

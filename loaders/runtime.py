@@ -195,7 +195,7 @@ class VAEHandle:
         free_device_cache(self.runtime.device, collect=True)
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: hashable, usable as a weak key
 class ZImagePipelineParts:
     transformer: TransformerHandle
     text_encoder: TextEncoderHandle

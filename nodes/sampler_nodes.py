@@ -5,6 +5,7 @@ from ..loaders.errors import ZImageError
 from ..loaders.generation import denoise
 from ..loaders.sampling import SamplerName
 from . import comfy_bridge as bridge
+from .comfy_memory import make_room
 from .conditioning import from_conditioning
 
 
@@ -67,5 +68,6 @@ class ZImageSampler:
 
 
 def _denoise(parts, pos, neg, latent, seed, steps, cfg, shift, sampler, denoise_, attention):
+    make_room(parts)
     return denoise(parts, pos, neg, latent, seed, steps, cfg, shift, sampler, denoise_, attention,
                    bridge.step_hooks(steps))

@@ -311,8 +311,8 @@ def plan_memory(sizes: ModelSizes, device: torch.device | str, budget_gb: float 
             expected=f"at least {need / GiB:.1f} GB at {width}x{height} x{batch} ({storage.value} streaming: CUDA "
                      f"context, the transformer's stem, {N_BUFFERS} block buffers and the working memory)",
             found=f"{budget / GiB:.1f} GB" + (" free" if budget_gb == 0 else ""),
-            fix=f"raise vram_budget_gb to {need / GiB:.1f} or more, use fp8 streaming, lower the resolution or "
-                "batch, or close other GPU programs.")
+            fix=f"raise vram_budget_gb to {need / GiB:.1f} or more, lower the resolution or batch, or close "
+                "other GPU programs.")
     where, pinned, tiled, ph = chosen
     placed = tuple((name, w) for (name, _), w in zip(sizes.transformer_blocks, where))
     te_host = Where.PINNED if pinned + sum(sizes.text_encoder_blocks) <= host_budget else Where.MAPPED

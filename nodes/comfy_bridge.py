@@ -73,8 +73,9 @@ def comfy_tokenizer_folder() -> str | None:
     return None
 
 
-def step_hooks(steps: int) -> StepHooks:
-    """ComfyUI's progress bar and interrupt button; a terminal bar outside ComfyUI."""
+def step_hooks(steps: int, device) -> StepHooks:
+    """ComfyUI's progress bar, latent previews (as the user set them: none, latent2rgb or TAESD)
+    and interrupt button; a terminal bar outside ComfyUI."""
     try:
         import comfy.model_management
         import comfy.utils
@@ -88,6 +89,15 @@ def step_hooks(steps: int) -> StepHooks:
             if i + 1 == n:
                 bar.close()
         return StepHooks(on_step=tick)
+    import comfy.latent_formats
+    import latent_preview
+
     pbar = comfy.utils.ProgressBar(steps)
+    # Z-Image's latents are the Flux VAE's: ComfyUI's own Flux previewer reads them.
+    previewer = latent_preview.get_previewer(device, comfy.latent_formats.Flux())
+
+    def tick(i: int, n: int, x0) -> None:
+        preview = previewer.decode_latent_to_preview_image("JPEG", x0) if previewer is not None else None
+        pbar.update_absolute(i + 1, n, preview)
     return StepHooks(check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
-                     on_step=lambda i, n, x0: pbar.update_absolute(i + 1, n))
+                     on_step=tick)

@@ -70,4 +70,4 @@ class ZImageSampler:
 def _denoise(parts, pos, neg, latent, seed, steps, cfg, shift, sampler, denoise_, attention):
     make_room(parts)
     return denoise(parts, pos, neg, latent, seed, steps, cfg, shift, sampler, denoise_, attention,
-                   bridge.step_hooks(steps))
+                   bridge.step_hooks(steps, parts.runtime.device))

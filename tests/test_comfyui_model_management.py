@@ -1,6 +1,6 @@
-"""The pack's GPU copies under ComfyUI's own model management (opt-in: COMFYUI_DIR points at a
-ComfyUI checkout, COMFYUI_PYTHON at a Python that runs it). Runs ComfyUI's real
-comfy.model_management in a subprocess on the CPU."""
+"""The pack inside ComfyUI's own machinery: its model management and its progress bar with latent
+previews (opt-in: COMFYUI_DIR points at a ComfyUI checkout, COMFYUI_PYTHON at a Python that runs
+it). Runs ComfyUI's real modules in a subprocess on the CPU."""
 from __future__ import annotations
 
 import os
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not COMFY, reason="set COMFYUI_DIR to a ComfyUI 
 
 SCRIPT = textwrap.dedent('''
     import dataclasses, importlib.util, sys
-    sys.argv = ["main.py", "--cpu"]
+    sys.argv = ["main.py", "--cpu", "--preview-method", "latent2rgb"]
     sys.path.insert(0, {comfy!r})
     import torch
     try:  # a CPU torch beside PyPI's torchvision: its C++ ops do not load; their schemas suffice
@@ -53,16 +53,34 @@ SCRIPT = textwrap.dedent('''
     mm.unload_all_models()  # what /free with unload_models does
     print("after_free", [type(m.model.model).__name__ for m in mm.current_loaded_models],
           "held", parts.transformer._replica is not None)
+    import comfy.utils
+    from zimage_nodes.nodes.comfy_bridge import step_hooks
+    seen = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append(
+        (value, total, preview[0], preview[1].size) if preview else (value, total, None, None)))
+    denoise(parts, parts.text_encoder.encode("a fox"), None, torch.zeros(1, 16, 6, 4), seed=0, steps=3,
+            hooks=step_hooks(3, parts.runtime.device))
+    print("progress", seen)
 ''')
 
 
-def test_comfyui_free_memory_releases_the_packs_copies(tiny, tmp_path):
+def _run(tiny, tmp_path) -> str:
     script = tmp_path / "probe.py"
     script.write_text(SCRIPT.format(comfy=COMFY, root=ROOT, model=tiny["diffusers"]))
     py = os.environ.get("COMFYUI_PYTHON", sys.executable)
     r = subprocess.run([py, str(script)], cwd=COMFY, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    out = r.stdout
+    return r.stdout
+
+
+def test_comfyui_free_memory_releases_the_packs_copies(tiny, tmp_path):
+    out = _run(tiny, tmp_path)
     assert "listed ['ZImageTurbo'] held True" in out
     assert "count 1" in out
     assert "after_free [] held False" in out
+
+
+def test_progress_ticks_once_per_step_with_latent_previews(tiny, tmp_path):
+    out = _run(tiny, tmp_path)
+    # one tick per step, each with a JPEG preview of the 4x6 latent (ComfyUI's Flux latent2rgb)
+    assert "progress [(1, 3, 'JPEG', (4, 6)), (2, 3, 'JPEG', (4, 6)), (3, 3, 'JPEG', (4, 6))]" in out

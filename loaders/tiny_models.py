@@ -132,6 +132,12 @@ def write_tiny_models(root: str, tokenizer_dir: str | None = None, seed: int = 0
         shutil.copytree(tokenizer_dir, tok, dirs_exist_ok=True)
     else:
         write_byte_tokenizer(tok)
+        # say so in model_index.json too, so diffusers' from_pretrained builds the right class
+        with open(os.path.join(d, "model_index.json")) as f:
+            index = json.load(f)
+        index["tokenizer"] = ["transformers", "PreTrainedTokenizerFast"]
+        with open(os.path.join(d, "model_index.json"), "w") as f:
+            json.dump(index, f, indent=1)
 
     c = os.path.join(root, "comfy")
     paths = {k: os.path.join(c, v) for k, v in COMFY_NAMES.items()}

@@ -18,6 +18,7 @@ from torch import nn
 
 from .component_loading import LoadedComponent
 from .device_copy import Copy, device_copy
+from .host_cache import HOST_CACHE, source_key
 from .placement import MemoryPlan, ModelSizes, Storage, Where, plan_memory
 from .streaming import BlockStreamer, HostBlock
 
@@ -76,8 +77,6 @@ class TransformerHandle:
         where = dict(plan.blocks)
         layout = (plan.blocks, plan.storage)
         if self._layout != layout:
-            # A new resolution or budget: host copies that the new plan keeps are reused.
-            kept = self._host
             self._replica, self._layout = None, None
             free_device_cache(self.runtime.device)
             names = list(where)
@@ -86,13 +85,8 @@ class TransformerHandle:
                 b = _block_of(name, names)
                 return Copy.PLACEHOLDER if b is not None and where[b] != Where.GPU else Copy.DEVICE
             self._replica = device_copy(module, self.runtime.device, self.runtime.dtype, how)
-            self._host = {}
-            for n, w in plan.blocks:
-                if w in (Where.PINNED, Where.MAPPED):
-                    storage, pinned = (plan.storage.value if w == Where.PINNED else "bf16"), w == Where.PINNED
-                    old = kept.get(n)
-                    self._host[n] = old if old is not None and (old.storage, old.pinned) == (storage, pinned) \
-                        else HostBlock(n, module.get_submodule(n), storage, pinned, self.runtime.dtype)
+            self._host = {n: self._host_block(n, w, plan.storage.value) for n, w in plan.blocks
+                          if w in (Where.PINNED, Where.MAPPED)}
             self._layout = layout
         streamer = None
         if self._host:
@@ -105,8 +99,20 @@ class TransformerHandle:
             if streamer is not None:
                 streamer.close()
 
+    def _host_block(self, name: str, where: Where, storage: str) -> HostBlock:
+        """A block's host copy from the process's cache (another run, resolution or loader of the
+        same file may have made it already)."""
+        storage, pinned = (storage if where == Where.PINNED else "bf16"), where == Where.PINNED
+        module, dtype = self.component.module, self.runtime.dtype
+        if not pinned:  # a view of the file mapping: nothing to keep
+            return HostBlock(name, module.get_submodule(name), storage, pinned, dtype)
+        HOST_CACHE.raise_limit(self.runtime.plan.host_budget_bytes)
+        key = (source_key(self.component.path), "transformer", name, storage, str(dtype))
+        return HOST_CACHE.get(key, lambda: HostBlock(name, module.get_submodule(name), storage, pinned, dtype))
+
     def release(self) -> None:
-        """Free the GPU copy and the pinned host copies (ComfyUI's 'free memory' and failures)."""
+        """Free the GPU copy (ComfyUI's 'free memory' and failures); pinned host copies stay in the
+        process's bounded cache for the next run."""
         self._replica, self._layout, self._host, self.last_streamer = None, None, {}, None
         free_device_cache(self.runtime.device, collect=True)
 
@@ -154,7 +160,15 @@ class TextEncoderHandle:
         names = [f"layers.{i}" for i in range(len(module.layers))]
         pinned = plan.text_encoder_host == Where.PINNED
         if not self._host or next(iter(self._host.values())).pinned != pinned:
-            self._host = {n: HostBlock(n, module.get_submodule(n), "bf16", pinned, self.runtime.dtype) for n in names}
+            dtype = self.runtime.dtype
+            if pinned:
+                HOST_CACHE.raise_limit(plan.host_budget_bytes)
+                src = source_key(self.component.path)
+                self._host = {n: HOST_CACHE.get((src, "text_encoder", n, "bf16", str(dtype)),
+                                                lambda n=n: HostBlock(n, module.get_submodule(n), "bf16", True, dtype))
+                              for n in names}
+            else:
+                self._host = {n: HostBlock(n, module.get_submodule(n), "bf16", False, dtype) for n in names}
 
         def how(name: str) -> Copy:
             if name.startswith("embed_tokens."):

@@ -80,6 +80,7 @@ class HostBlock:
             self.entries.append(e)
         self.stage_bytes, self.compute_bytes = stage, compute
         self.quantized = storage == "fp8"
+        self.host_bytes = 0  # bytes this copy holds in host RAM (0 when it reads the mapped file)
         if pinned or self.quantized:
             # One contiguous host buffer: a single copy per block, at full PCIe speed when pinned.
             self.host = torch.empty(stage, dtype=torch.uint8, pin_memory=pinned and torch.cuda.is_available())
@@ -93,6 +94,7 @@ class HostBlock:
                     self.host[e.stage_off:e.stage_off + e.numel * e.dtype.itemsize].view(e.dtype).view(
                         e.shape).copy_(src)
             self.sources = None
+            self.host_bytes = stage
         else:
             # Memory-mapped: copied tensor by tensor straight from the file mapping.
             self.host = None

@@ -1,0 +1,90 @@
+"""Host copies of streamed blocks kept across runs and loads, least recently used dropped past
+the RAM bound."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+from torch import nn
+
+
+def _block(width: int):
+    from zimage_nodes.loaders.streaming import HostBlock
+
+    return HostBlock("b", nn.Linear(width, width, bias=False), "bf16", True, torch.float32)
+
+
+def test_least_recently_used_copies_go_first_and_the_bound_holds(pack):
+    from zimage_nodes.loaders.host_cache import HostBlockCache
+
+    one = _block(16).host_bytes
+    cache = HostBlockCache(limit_bytes=3 * one)
+    a = cache.get("a", lambda: _block(16))
+    cache.get("b", lambda: _block(16))
+    cache.get("c", lambda: _block(16))
+    assert cache.get("a", lambda: pytest.fail("a was kept")) is a  # a is now the most recent
+    cache.get("d", lambda: _block(16))  # over the bound: b, the least recently used, goes
+    assert cache.nbytes <= 3 * one and cache.built == 4
+    cache.get("b", lambda: _block(16))
+    assert cache.built == 5  # b had to be made again; c went this time
+    cache.get("a", lambda: pytest.fail("a was kept"))
+    cache.set_limit(one)
+    assert cache.nbytes <= one
+
+
+def _pinned_plan(parts, host_gb=1.0):
+    from zimage_nodes.loaders.placement import Where
+
+    rt = parts.runtime
+    rt.plan = dataclasses.replace(rt.plan, blocks=tuple((n, Where.PINNED) for n, _ in rt.plan.blocks),
+                                  host_budget_bytes=int(host_gb * 2**30))
+    rt.fixed_plan = True
+
+
+def _sample(parts):
+    from zimage_nodes.loaders.generation import denoise
+
+    return denoise(parts, parts.text_encoder.encode("a fox"), None, torch.zeros(1, 16, 4, 4), seed=0, steps=1)[0]
+
+
+def test_loading_the_same_file_again_reuses_its_host_copies(tiny, pack):
+    from zimage_nodes.loaders.host_cache import HOST_CACHE
+    from zimage_nodes.loaders.pipeline_loading import load_parts
+
+    HOST_CACHE.clear()
+    start = HOST_CACHE.built
+    first = load_parts(tiny["transformer"], tiny["text_encoder"], tiny["vae"], device="cpu", dtype=torch.float32,
+                       comfy_tokenizer=os.path.join(tiny["diffusers"], "tokenizer"))
+    _pinned_plan(first)
+    a = _sample(first)
+    built = HOST_CACHE.built
+    assert built - start == 4  # the tiny transformer's four blocks
+    second = load_parts(tiny["transformer"], tiny["text_encoder"], tiny["vae"], device="cpu", dtype=torch.float32,
+                        comfy_tokenizer=os.path.join(tiny["diffusers"], "tokenizer"))
+    _pinned_plan(second)
+    b = _sample(second)
+    assert HOST_CACHE.built == built  # no block read from the file again
+    assert torch.equal(a, b)
+
+
+def test_a_changed_file_is_not_served_from_the_cache(tiny, pack, tmp_path):
+    import shutil
+
+    from zimage_nodes.loaders.host_cache import HOST_CACHE
+    from zimage_nodes.loaders.pipeline_loading import load_parts
+
+    HOST_CACHE.clear()
+    start = HOST_CACHE.built
+    path = tmp_path / "z.safetensors"
+    shutil.copy(tiny["transformer"], path)
+    kw = dict(device="cpu", dtype=torch.float32, comfy_tokenizer=os.path.join(tiny["diffusers"], "tokenizer"))
+    parts = load_parts(str(path), tiny["text_encoder"], tiny["vae"], **kw)
+    _pinned_plan(parts)
+    _sample(parts)
+    os.utime(path, ns=(1, 1))  # a new download of the "same" name
+    parts = load_parts(str(path), tiny["text_encoder"], tiny["vae"], **kw)
+    _pinned_plan(parts)
+    _sample(parts)
+    assert HOST_CACHE.built - start == 8  # four blocks, made once for each version of the file

@@ -8,7 +8,7 @@ import torch
 
 from . import component_loading
 from .errors import ZImageError
-from .placement import ModelSizes, Storage, plan_memory
+from .placement import GiB, ModelSizes, Storage, plan_memory
 from .runtime import Runtime, TextEncoderHandle, TransformerHandle, VAEHandle, ZImagePipelineParts
 from .tokenizer import load_tokenizer, tokenizer_folder
 
@@ -56,5 +56,8 @@ def load_parts(model: str, text_encoder: str | None = None, vae: str | None = No
         # failed load holds no weights or file mappings.
         t = te = v = tok = None
         raise
-    rt = Runtime(device, dtype, vae_dtype, sizes, vram_budget_gb, ram_budget_gb, Storage(storage), plan)
+    # "Automatic" is resolved once, here: asked again later, free VRAM would exclude what the
+    # pack itself then holds, and each re-plan would shrink.
+    rt = Runtime(device, dtype, vae_dtype, sizes, plan.budget_bytes / GiB if device.type == "cuda" else vram_budget_gb,
+                 plan.host_budget_bytes / GiB if device.type == "cuda" else ram_budget_gb, Storage(storage), plan)
     return ZImagePipelineParts(TransformerHandle(t, rt), TextEncoderHandle(te, rt, tok), VAEHandle(v, rt), rt)

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
 
 # Types that arrive through a link, never through a widget.
-CONNECTION_TYPES = {"ZIMAGE_MODEL", "ZIMAGE_TEXT_ENCODER", "ZIMAGE_VAE", "CONDITIONING", "LATENT", "IMAGE"}
+CONNECTION_TYPES = {"ZIMAGE_MODEL", "ZIMAGE_TEXT_ENCODER", "ZIMAGE_VAE", "CONDITIONING", "LATENT", "IMAGE", "VAE",
+                    "MASK"}
 # Values ComfyUI's frontend stores for the extra widget that follows a seed.
 CONTROL_AFTER_GENERATE = {"fixed", "increment", "decrement", "randomize"}
 # Loader inputs whose choices are the files in the user's model folders: empty outside ComfyUI.
@@ -20,14 +21,21 @@ MODEL_FILE_INPUTS = {("ZImageShardedLoader", "model"), ("ZImageShardedLoader", "
                      ("ZImageShardedLoader", "vae")}
 
 # The native ComfyUI nodes the examples may use, as ComfyUI declares them to the frontend:
-# connection inputs by name, output types by slot, and how many widget values they store.
+# connection inputs by name, output types by slot, and how many widget values they store (LoadImage's
+# second value is its "upload" button). tests/e2e checks these against a real ComfyUI's /object_info.
 NATIVE_NODES = {
     "EmptySD3LatentImage": {"inputs": {}, "outputs": ["LATENT"], "widgets": 3},
     "EmptyLatentImage": {"inputs": {}, "outputs": ["LATENT"], "widgets": 3},
     "SaveImage": {"inputs": {"images": "IMAGE"}, "outputs": [], "widgets": 1},
     "VAEDecode": {"inputs": {"samples": "LATENT", "vae": "VAE"}, "outputs": ["IMAGE"], "widgets": 0},
+    "VAEEncode": {"inputs": {"pixels": "IMAGE", "vae": "VAE"}, "outputs": ["LATENT"], "widgets": 0},
     "VAELoader": {"inputs": {}, "outputs": ["VAE"], "widgets": 1},
+    "LoadImage": {"inputs": {}, "outputs": ["IMAGE", "MASK"], "widgets": 2},
 }
+# The picture ComfyUI's template browser shows for a custom node's workflow: the same name with .jpg
+# (the frontend asks for /api/workflow_templates/<pack>/<name>.jpg).
+THUMBNAIL_SUFFIX = ".jpg"
+THUMBNAIL_MAX_BYTES = 150_000
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +78,25 @@ def _ids(workflows: list[Path]) -> list[str]:
 
 def test_the_pack_ships_example_workflows():
     names = {p.name for p in WORKFLOWS}
-    assert {"zimage_text_to_image.json", "zimage_low_vram_6gb.json"} <= names
+    assert {"zimage_text_to_image.json", "zimage_low_vram_6gb.json", "zimage_native_nodes.json",
+            "zimage_img2img.json"} <= names
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=_ids(WORKFLOWS))
+def test_every_workflow_has_a_small_jpeg_thumbnail(path):
+    thumb = path.with_suffix(THUMBNAIL_SUFFIX)
+    assert thumb.is_file(), f"{path.name}: no thumbnail {thumb.name} beside it (the template browser shows a blank)"
+    data = thumb.read_bytes()
+    assert data[:3] == b"\xff\xd8\xff", f"{thumb.name} is not a JPEG"
+    assert len(data) < THUMBNAIL_MAX_BYTES, f"{thumb.name} is {len(data)} bytes, keep it under {THUMBNAIL_MAX_BYTES}"
+    image = pytest.importorskip("PIL.Image", reason="Pillow reads the thumbnail's size").open(thumb)
+    assert 256 <= image.width <= 1024 and image.height >= 128, f"{thumb.name} is {image.size}"
+
+
+def test_no_thumbnail_without_its_workflow():
+    root = ROOT / "example_workflows"
+    orphans = sorted(p.name for p in root.iterdir() if p.suffix != ".json" and not p.with_suffix(".json").exists())
+    assert not orphans, f"files in example_workflows/ with no workflow of the same name: {orphans}"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=_ids(WORKFLOWS))
@@ -231,3 +257,42 @@ def test_low_vram_example_differs_from_text_to_image_only_in_the_budget(mappings
     assert low["links"] == base["links"]
     assert [n["type"] for n in low["nodes"]] == [n["type"] for n in base["nodes"]]
     assert not any(n["type"] in ("Note", "MarkdownNote") for n in low["nodes"])
+
+
+def _links_into(wf: dict, node: dict) -> dict[str, dict]:
+    """{input name: the node its link comes from} for one node."""
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    sources = {link[0]: nodes[link[1]] for link in wf["links"]}
+    return {i["name"]: sources[i["link"]] for i in node["inputs"] if i["link"] is not None}
+
+
+def test_native_nodes_example_decodes_with_the_native_vae(mappings):
+    wf = _load(ROOT / "example_workflows" / "zimage_native_nodes.json")
+    assert sorted(n["type"] for n in wf["nodes"]) == sorted(
+        ["ZImageShardedLoader", "ZImageTextEncode", "ZImageSampler", "EmptySD3LatentImage", "VAELoader", "VAEDecode",
+         "SaveImage"])
+    sampler = _only(wf, "ZImageSampler")
+    assert _widgets_by_name(sampler, mappings)["denoise"] == 1.0
+    assert _links_into(wf, sampler)["latent_image"]["type"] == "EmptySD3LatentImage"
+    assert _only(wf, "EmptySD3LatentImage")["widgets_values"] == [1024, 1024, 1]
+    assert _only(wf, "VAELoader")["widgets_values"] == ["ae.safetensors"]
+    decode = _links_into(wf, _only(wf, "VAEDecode"))
+    assert (decode["samples"]["type"], decode["vae"]["type"]) == ("ZImageSampler", "VAELoader")
+    assert _links_into(wf, _only(wf, "SaveImage"))["images"]["type"] == "VAEDecode"
+
+
+def test_img2img_example_encodes_an_input_image_and_denoises_part_way(mappings):
+    wf = _load(ROOT / "example_workflows" / "zimage_img2img.json")
+    assert sorted(n["type"] for n in wf["nodes"]) == sorted(
+        ["ZImageShardedLoader", "ZImageTextEncode", "ZImageSampler", "LoadImage", "VAELoader", "VAEEncode",
+         "ZImageVAEDecodeLazy", "SaveImage"])
+    assert _only(wf, "LoadImage")["widgets_values"] == ["example.png", "image"]  # ComfyUI's own input/example.png
+    assert _only(wf, "VAELoader")["widgets_values"] == ["ae.safetensors"]
+    encode = _links_into(wf, _only(wf, "VAEEncode"))
+    assert (encode["pixels"]["type"], encode["vae"]["type"]) == ("LoadImage", "VAELoader")
+    sampler = _only(wf, "ZImageSampler")
+    settings = _widgets_by_name(sampler, mappings)
+    assert (settings["steps"], settings["cfg"], settings["denoise"]) == (9, 1.0, 0.6)
+    assert _links_into(wf, sampler)["latent_image"]["type"] == "VAEEncode"
+    decode = _links_into(wf, _only(wf, "ZImageVAEDecodeLazy"))
+    assert (decode["samples"]["type"], decode["vae"]["type"]) == ("ZImageSampler", "ZImageShardedLoader")

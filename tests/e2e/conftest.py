@@ -1,11 +1,10 @@
-"""Fixtures for the end-to-end tests: one real ComfyUI server per test session, on the CPU, with the
-tiny random Z-Image models under the official file names and this pack in its custom_nodes.
+"""Fixtures for the end-to-end tests: one real ComfyUI server per test session, on the CPU, with random
+Z-Image models under the official file names (the tiny transformer and text encoder, a full-size Flux
+VAE), an input image for the img2img example, and this pack in its custom_nodes.
 
 Opt-in: without COMFYUI_DIR every test here is skipped (see e2e_helpers.SKIP_REASON).
 """
 from __future__ import annotations
-
-import os
 
 import pytest
 
@@ -27,9 +26,19 @@ def comfy_dir() -> str:
 
 
 @pytest.fixture(scope="session")
-def comfy_base(comfy_dir, tiny, tmp_path_factory) -> str:
-    """ComfyUI's --base-directory: models/, custom_nodes/, user/ (output/ appears on the first save)."""
-    return h.make_base_dir(str(tmp_path_factory.mktemp("comfy_base")), tiny)
+def full_size_vae(comfy_dir, tmp_path_factory) -> str:
+    """A full-size Flux VAE with random weights in the original key names (ae.safetensors' layout), the
+    only VAE ComfyUI's native VAELoader accepts. Returns its path; the base folder has it as
+    models/vae/ae.safetensors."""
+    return h.write_full_size_vae(str(tmp_path_factory.mktemp("full_vae") / "ae_full.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def comfy_base(comfy_dir, tiny, full_size_vae, tmp_path_factory) -> str:
+    """ComfyUI's --base-directory: models/ (the tiny transformer and text encoder, the full-size VAE),
+    input/, custom_nodes/, user/ (output/ appears on the first save)."""
+    models = {"transformer": tiny["transformer"], "text_encoder": tiny["text_encoder"], "vae": full_size_vae}
+    return h.make_base_dir(str(tmp_path_factory.mktemp("comfy_base")), models)
 
 
 @pytest.fixture(scope="session")
@@ -50,25 +59,3 @@ def object_info(comfy) -> dict:
     if missing:
         pytest.fail(f"ComfyUI did not register {missing}; the pack failed to import:\n{comfy.log_tail()}")
     return info
-
-
-@pytest.fixture(scope="session")
-def full_size_vae(comfy_base) -> str:
-    """models/vae/ae_full.safetensors: a full-size Flux VAE with random weights in the original key names,
-    the only VAE ComfyUI's native VAELoader accepts. Returns its file name."""
-    import torch
-    from diffusers import AutoencoderKL
-    from safetensors.torch import save_file
-
-    from zimage_nodes.loaders.model_detection import scaffold_config
-    from zimage_nodes.loaders.tiny_models import original_vae_state
-
-    config = scaffold_config("vae")
-    levels = len(config["block_out_channels"])
-    assert config["block_out_channels"] == [128, 256, 512, 512] and config["latent_channels"] == 16
-    torch.manual_seed(0)
-    vae = AutoencoderKL(**config).eval()
-    state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in vae.state_dict().items()}
-    name = "ae_full.safetensors"
-    save_file(original_vae_state(state, levels), os.path.join(comfy_base, "models", "vae", name))
-    return name

@@ -30,10 +30,16 @@ COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON") or sys.executable
 SKIP_REASON = ("end-to-end tests against a real ComfyUI are opt-in: set COMFYUI_DIR to a ComfyUI checkout "
                "(and COMFYUI_PYTHON to the Python that runs it)") if not COMFYUI_DIR else None
 
-# The file names the example workflows use; the tests put the tiny models there.
+# The file names the example workflows use; the tests put the tiny transformer and text encoder there,
+# and a full-size Flux VAE (random weights) as ae.safetensors: ComfyUI's native VAELoader, which two of
+# the examples use, accepts nothing smaller, and our own loader and lazy decode take it too.
 OFFICIAL_NAMES = {"transformer": ("diffusion_models", "z_image_turbo_bf16.safetensors"),
                   "text_encoder": ("text_encoders", "qwen_3_4b.safetensors"),
                   "vae": ("vae", "ae.safetensors")}
+# The input image the img2img example loads (ComfyUI ships an input/example.png of its own; the test
+# base folder gets a small one under that name).
+INPUT_IMAGE = "example.png"
+INPUT_SIZE = (64, 64)
 OUR_NODES = ("ZImageShardedLoader", "ZImageTextEncode", "ZImageSampler", "ZImageVAEDecodeLazy")
 
 STARTUP_TIMEOUT_S = 180.0
@@ -53,12 +59,47 @@ def check_comfyui_dir() -> str:
     return os.path.abspath(COMFYUI_DIR)
 
 
-def make_base_dir(base: str, tiny: dict[str, str]) -> str:
-    """A ComfyUI base directory: the tiny models under the official names, this pack in custom_nodes,
-    the probe node beside it, and the frontend's settings."""
+def write_full_size_vae(path: str) -> str:
+    """A full-size Flux VAE (the ae.safetensors layout: original key names, bf16) with random weights."""
+    import torch
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    from zimage_nodes.loaders.model_detection import scaffold_config
+    from zimage_nodes.loaders.tiny_models import original_vae_state
+
+    config = scaffold_config("vae")
+    levels = len(config["block_out_channels"])
+    assert config["block_out_channels"] == [128, 256, 512, 512] and config["latent_channels"] == 16
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**config).eval()
+    state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in vae.state_dict().items()}
+    save_file(original_vae_state(state, levels), path)
+    return path
+
+
+def write_input_image(base: str) -> str:
+    """input/example.png: a small RGB picture (a gradient with a disc) for the img2img example."""
+    from PIL import Image, ImageDraw
+
+    w, h = INPUT_SIZE
+    image = Image.new("RGB", (w, h))
+    image.putdata([(40 + 150 * x // w, 90 + 100 * y // h, 200 - 120 * y // h) for y in range(h) for x in range(w)])
+    ImageDraw.Draw(image).ellipse((w // 4, h // 4, 3 * w // 4, 3 * h // 4), fill=(220, 110, 40))
+    os.makedirs(os.path.join(base, "input"), exist_ok=True)
+    path = os.path.join(base, "input", INPUT_IMAGE)
+    image.save(path)
+    return path
+
+
+def make_base_dir(base: str, models: dict[str, str]) -> str:
+    """A ComfyUI base directory: the models (paths by OFFICIAL_NAMES key) under the official names, the
+    img2img example's input image, this pack in custom_nodes, the probe node beside it, and the
+    frontend's settings."""
     for key, (folder, name) in OFFICIAL_NAMES.items():
         os.makedirs(os.path.join(base, "models", folder), exist_ok=True)
-        os.symlink(tiny[key], os.path.join(base, "models", folder, name))
+        os.symlink(models[key], os.path.join(base, "models", folder, name))
+    write_input_image(base)
     custom = os.path.join(base, "custom_nodes")
     os.makedirs(custom, exist_ok=True)
     os.symlink(PACK_ROOT, os.path.join(custom, "zimage-nodes"), target_is_directory=True)
@@ -211,9 +252,11 @@ def node_id(prompt: dict, class_type: str) -> str:
 
 
 def shrink(prompt: dict, size: int = 64, steps: int = 2) -> dict:
-    """Small and quick for a CPU: size x size pixels, `steps` steps, a fresh seed."""
-    latent = prompt[node_id(prompt, "EmptySD3LatentImage")]["inputs"]
-    latent.update(width=size, height=size)
+    """Small and quick for a CPU: size x size pixels (for an empty latent; an encoded image keeps the
+    input image's size), `steps` steps, a fresh seed."""
+    for node in prompt.values():
+        if node["class_type"] == "EmptySD3LatentImage":
+            node["inputs"].update(width=size, height=size)
     sampler = prompt[node_id(prompt, "ZImageSampler")]["inputs"]
     sampler.update(steps=steps, seed=unique_seed())
     return prompt

@@ -34,10 +34,6 @@ class LoadedComponent:
     layout: str  # "diffusers" or "original"
     source_dtype: str
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.module.state_dict().values())
-
 
 def _diffusers_config(folder: str) -> dict:
     path = os.path.join(folder, "config.json")

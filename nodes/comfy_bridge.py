@@ -36,7 +36,7 @@ def diffusers_folders() -> list[str]:
 
 def filenames(kind: str) -> list[str]:
     fp = _folder_paths()
-    return [] if fp is None else [n for n in fp.get_filename_list(kind) if n.endswith(".safetensors")]
+    return [] if fp is None else [n for n in fp.get_filename_list(kind) if n.endswith((".safetensors", ".sft"))]
 
 
 def resolve(kind: str, name: str, input_name: str) -> str | None:
@@ -56,7 +56,8 @@ def resolve(kind: str, name: str, input_name: str) -> str | None:
             return path
     raise ZImageError(f"the {input_name} file was not found", where=f"loader input '{input_name}' = {name!r}",
                       expected=f"a file in ComfyUI's models/{kind} folder (or extra_model_paths.yaml locations)",
-                      found="no such file", fix=f"put the file in models/{kind} and press R to refresh the list.")
+                      found="no such file", fix=f"put the file in models/{kind} (or a folder extra_model_paths.yaml "
+                                                     "lists for it) and press R to refresh the list.")
 
 
 def comfy_tokenizer_folder() -> str | None:

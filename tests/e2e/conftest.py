@@ -6,6 +6,8 @@ Opt-in: without COMFYUI_DIR every test here is skipped (see e2e_helpers.SKIP_REA
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from . import e2e_helpers as h
@@ -43,13 +45,31 @@ def comfy_base(comfy_dir, tiny, full_size_vae, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def comfy(comfy_dir, comfy_base, tmp_path_factory):
-    """The running server (an e2e_helpers.ComfyServer); stopped when the session ends."""
+    """The running server (an e2e_helpers.ComfyServer); stopped when the session ends. Its stdout and
+    stderr are in comfy.log()."""
     server = h.ComfyServer(comfy_dir, comfy_base, str(tmp_path_factory.mktemp("comfy_log") / "comfyui.log"))
-    server.start()
-    try:
+    with h.running(server):
         yield server
-    finally:
-        server.stop()
+
+
+@pytest.fixture(scope="module")
+def extra_paths_comfy(comfy_dir, tiny, tmp_path_factory):
+    """A second server, beside `comfy`, whose base folder has empty model folders: the tiny transformer,
+    text encoder and VAE are in a folder elsewhere, under h.EXTRA_NAMES, and reach ComfyUI only through
+    an extra_model_paths.yaml given with --extra-model-paths-config (ComfyUI 0.8.0 reads no such file
+    from the base folder by itself, only the one beside its main.py). server.extra_models is that folder.
+    Stopped after the module."""
+    models = {"transformer": tiny["transformer"], "text_encoder": tiny["text_encoder"], "vae": tiny["vae"]}
+    store = h.place_models(str(tmp_path_factory.mktemp("extra_models")), models, h.EXTRA_NAMES)
+    base = h.make_base_dir(str(tmp_path_factory.mktemp("comfy_base_extra_paths")), None)
+    yaml_path = h.write_extra_model_paths(
+        os.path.join(base, "extra_model_paths.yaml"), store,
+        {h.OFFICIAL_NAMES[key][0]: folder for key, (folder, _) in h.EXTRA_NAMES.items()})
+    server = h.ComfyServer(comfy_dir, base, str(tmp_path_factory.mktemp("comfy_log_extra_paths") / "comfyui.log"),
+                           extra_args=("--extra-model-paths-config", yaml_path))
+    server.extra_models = store
+    with h.running(server):
+        yield server
 
 
 @pytest.fixture(scope="session")

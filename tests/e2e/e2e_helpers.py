@@ -5,9 +5,11 @@ runs it (default: the one running pytest). Without COMFYUI_DIR every e2e test is
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -36,10 +38,17 @@ SKIP_REASON = ("end-to-end tests against a real ComfyUI are opt-in: set COMFYUI_
 OFFICIAL_NAMES = {"transformer": ("diffusion_models", "z_image_turbo_bf16.safetensors"),
                   "text_encoder": ("text_encoders", "qwen_3_4b.safetensors"),
                   "vae": ("vae", "ae.safetensors")}
+# Where the extra_model_paths.yaml test keeps the tiny models (by OFFICIAL_NAMES key): a folder outside
+# ComfyUI's base folder, subfolders and file names of its own, found only through the yaml.
+EXTRA_NAMES = {"transformer": ("zi_dit", "zi_tiny.safetensors"),
+               "text_encoder": ("zi_te", "zi_tiny_qwen3.safetensors"),
+               "vae": ("zi_vae", "zi_tiny_vae.safetensors")}
 # The input image the img2img example loads (ComfyUI ships an input/example.png of its own; the test
 # base folder gets a small one under that name).
 INPUT_IMAGE = "example.png"
 INPUT_SIZE = (64, 64)
+# The pack's folder name in the test base folder's custom_nodes (a symlink to this checkout).
+PACK_FOLDER = "zimage-nodes"
 OUR_NODES = ("ZImageShardedLoader", "ZImageTextEncode", "ZImageSampler", "ZImageVAEDecodeLazy")
 
 STARTUP_TIMEOUT_S = 180.0
@@ -92,17 +101,28 @@ def write_input_image(base: str) -> str:
     return path
 
 
-def make_base_dir(base: str, models: dict[str, str]) -> str:
-    """A ComfyUI base directory: the models (paths by OFFICIAL_NAMES key) under the official names, the
-    img2img example's input image, this pack in custom_nodes, the probe node beside it, and the
-    frontend's settings."""
-    for key, (folder, name) in OFFICIAL_NAMES.items():
-        os.makedirs(os.path.join(base, "models", folder), exist_ok=True)
-        os.symlink(models[key], os.path.join(base, "models", folder, name))
+def place_models(root: str, models: dict[str, str], names: dict[str, tuple[str, str]] = OFFICIAL_NAMES) -> str:
+    """Symlinks each model (paths by OFFICIAL_NAMES key) as root/<folder>/<name>, folder and name from
+    `names` (by the same keys). Returns root."""
+    for key, (folder, name) in names.items():
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+        os.symlink(models[key], os.path.join(root, folder, name))
+    return root
+
+
+def make_base_dir(base: str, models: dict[str, str] | None) -> str:
+    """A ComfyUI base directory: the models (paths by OFFICIAL_NAMES key) under the official names
+    (models=None: the model folders empty, as in a fresh install), the img2img example's input image,
+    this pack in custom_nodes, the probe node beside it, and the frontend's settings."""
+    if models is None:
+        for folder, _ in OFFICIAL_NAMES.values():
+            os.makedirs(os.path.join(base, "models", folder), exist_ok=True)
+    else:
+        place_models(os.path.join(base, "models"), models)
     write_input_image(base)
     custom = os.path.join(base, "custom_nodes")
     os.makedirs(custom, exist_ok=True)
-    os.symlink(PACK_ROOT, os.path.join(custom, "zimage-nodes"), target_is_directory=True)
+    os.symlink(PACK_ROOT, os.path.join(custom, PACK_FOLDER), target_is_directory=True)
     os.makedirs(os.path.join(custom, "zimage_e2e_probe"))
     shutil.copy(PROBE_NODE, os.path.join(custom, "zimage_e2e_probe", "__init__.py"))
     os.makedirs(os.path.join(base, "user", "default"), exist_ok=True)
@@ -110,6 +130,16 @@ def make_base_dir(base: str, models: dict[str, str]) -> str:
         # no first-run tutorial; no minimap or canvas statistics over the screenshot
         json.dump({"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False}, f)
     return base
+
+
+def write_extra_model_paths(path: str, base_path: str, folders: dict[str, str], section: str = "zimage_e2e") -> str:
+    """An extra_model_paths.yaml (ComfyUI's format: one section with a base_path and, per model kind, a
+    folder relative to it) that adds base_path/<folders[kind]> to ComfyUI's search path for each kind."""
+    lines = [f"{section}:", f"    base_path: {json.dumps(base_path)}"]  # a JSON string is a YAML scalar
+    lines += [f"    {kind}: {json.dumps(folder)}" for kind, folder in folders.items()]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
 
 
 def free_port() -> int:
@@ -121,8 +151,11 @@ def free_port() -> int:
 class ComfyServer:
     """One ComfyUI process on 127.0.0.1, started in its own process group and always stopped."""
 
-    def __init__(self, comfy_dir: str, base_dir: str, log_path: str):
+    def __init__(self, comfy_dir: str, base_dir: str, log_path: str, extra_args: tuple[str, ...] = ()):
+        """extra_args: more main.py arguments (e.g. --extra-model-paths-config PATH). The server's
+        stdout and stderr both go to log_path."""
         self.comfy_dir, self.base_dir, self.log_path = comfy_dir, base_dir, log_path
+        self.extra_args = tuple(extra_args)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.output_dir = os.path.join(base_dir, "output")
@@ -132,7 +165,7 @@ class ComfyServer:
     def start(self) -> None:
         cmd = [COMFYUI_PYTHON, LAUNCHER, self.comfy_dir, "--cpu", "--base-directory", self.base_dir,
                "--disable-api-nodes", "--database-url", "sqlite:///:memory:",
-               "--listen", "127.0.0.1", "--port", str(self.port)]
+               "--listen", "127.0.0.1", "--port", str(self.port), *self.extra_args]
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    ZIMAGE_E2E_PARENT_PID=str(os.getpid()))
         self._log = open(self.log_path, "w")
@@ -170,12 +203,16 @@ class ComfyServer:
         self._log.close()
         self.proc = None
 
-    def log_tail(self, chars: int = 6000) -> str:
+    def log(self) -> str:
+        """Everything the server has written to stdout and stderr so far."""
         try:
             with open(self.log_path, errors="replace") as f:
-                return f.read()[-chars:]
+                return f.read()
         except OSError:
             return "(no log)"
+
+    def log_tail(self, chars: int = 6000) -> str:
+        return self.log()[-chars:]
 
     # --- HTTP ----------------------------------------------------------------------------------
     def get(self, path: str, timeout: float = 30):
@@ -215,6 +252,40 @@ class ComfyServer:
         return self.wait(self.queue(prompt), timeout)
 
 
+@contextlib.contextmanager
+def running(server: ComfyServer):
+    """Starts the server; stops it on leaving the block, whatever happened."""
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# nodes.py's init_external_custom_nodes logs, after importing every custom node:
+#   Import times for custom nodes:
+#      0.1 seconds: /base/custom_nodes/zimage-nodes
+#      0.0 seconds (IMPORT FAILED): /base/custom_nodes/broken
+_IMPORT_TIME = re.compile(r"^\s*(\d+(?:\.\d+)?) seconds( \(IMPORT FAILED\))?: (.+?)\s*$")
+
+
+def import_times(log: str) -> dict[str, tuple[float, bool]]:
+    """The 'Import times for custom nodes' block of a ComfyUI log: module path -> (seconds as printed,
+    whether the import failed). Empty when the log has no such block."""
+    lines = log.splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == "Import times for custom nodes:")
+    except StopIteration:
+        return {}
+    out = {}
+    for line in lines[start + 1:]:
+        match = _IMPORT_TIME.match(line)
+        if not match:
+            break
+        out[match.group(3)] = (float(match.group(1)), bool(match.group(2)))
+    return out
+
+
 def messages(entry: dict) -> dict[str, list[dict]]:
     """A history entry's status messages by type (execution_start, execution_error, ...)."""
     out: dict[str, list[dict]] = {}
@@ -230,6 +301,19 @@ def describe(entry: dict) -> str:
               | {"traceback": "".join(e.get("traceback", []))[-3000:]} for e in msgs.get("execution_error", [])]
     return json.dumps({"status": entry.get("status", {}).get("status_str"), "errors": errors,
                        "interrupted": msgs.get("execution_interrupted"), "outputs": entry.get("outputs")}, indent=1)
+
+
+def saved_image(server: ComfyServer, entry: dict, node: str):
+    """The one PNG a SaveImage node wrote in this run, opened with PIL."""
+    from PIL import Image
+
+    images = entry["outputs"].get(node, {}).get("images", [])
+    assert len(images) == 1, describe(entry)
+    img = images[0]
+    assert img["type"] == "output", img
+    path = os.path.join(server.output_dir, img["subfolder"], img["filename"])
+    assert os.path.isfile(path), f"{path} was reported but not written"
+    return Image.open(path)
 
 
 def load_workflow(name: str) -> dict:

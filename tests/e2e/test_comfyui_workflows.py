@@ -21,19 +21,6 @@ if h.SKIP_REASON:
 EXAMPLES = sorted(f for f in os.listdir(h.EXAMPLE_WORKFLOWS) if f.endswith(".json"))
 
 
-def saved_image(comfy, entry: dict, node: str):
-    """The one PNG a SaveImage node wrote in this run, opened with PIL."""
-    from PIL import Image
-
-    images = entry["outputs"].get(node, {}).get("images", [])
-    assert len(images) == 1, h.describe(entry)
-    img = images[0]
-    assert img["type"] == "output", img
-    path = os.path.join(comfy.output_dir, img["subfolder"], img["filename"])
-    assert os.path.isfile(path), f"{path} was reported but not written"
-    return Image.open(path)
-
-
 def test_object_info_lists_the_nodes_and_the_models(object_info):
     for name in h.OUR_NODES:
         assert object_info[name]["category"] == "Z-Image", (name, object_info[name]["category"])
@@ -111,7 +98,7 @@ def test_example_workflow_runs(comfy, object_info, workflow):
     entry = comfy.run(prompt)
     assert entry["status"]["status_str"] == "success", h.describe(entry)
     assert "execution_error" not in h.messages(entry), h.describe(entry)
-    image = saved_image(comfy, entry, h.node_id(prompt, "SaveImage"))
+    image = h.saved_image(comfy, entry, h.node_id(prompt, "SaveImage"))
     # img2img keeps its input picture's size; the others make 64x64 from the empty latent
     assert image.size == (h.INPUT_SIZE if "LoadImage" in types else (64, 64)) and image.mode == "RGB", image
 
@@ -140,7 +127,7 @@ def test_img2img_keeps_the_input_picture_where_denoise_is_low(comfy, object_info
     save = h.node_id(prompt, "SaveImage")
 
     def pixels(entry) -> np.ndarray:
-        return np.asarray(saved_image(comfy, entry, save).convert("RGB"), np.float32)
+        return np.asarray(h.saved_image(comfy, entry, save).convert("RGB"), np.float32)
 
     round_trip = {i: n for i, n in prompt.items() if i not in (sampler, h.node_id(prompt, "ZImageTextEncode"))}
     round_trip[decode] = {"class_type": "ZImageVAEDecodeLazy", "inputs": {"vae": [loader, 2], "samples": [encode, 0]}}
@@ -233,7 +220,7 @@ def test_interrupt_stops_the_sampler_and_the_next_run_works(comfy, object_info):
 
     again = comfy.run(h.shrink(h.to_api(h.load_workflow("zimage_text_to_image.json"), object_info)))
     assert again["status"]["status_str"] == "success", h.describe(again)
-    assert saved_image(comfy, again, h.node_id(prompt, "SaveImage")).size == (64, 64)
+    assert h.saved_image(comfy, again, h.node_id(prompt, "SaveImage")).size == (64, 64)
 
 
 def test_native_vae_decode_takes_our_latent(comfy, object_info):
@@ -252,4 +239,4 @@ def test_native_vae_decode_takes_our_latent(comfy, object_info):
     stats = entry["outputs"]["101"]["probe"][0]
     assert stats["shape"] == [1, 64, 64, 3] and stats["finite"], stats
     assert 0.0 <= stats["min"] <= stats["max"] <= 1.0 and stats["std"] > 0, stats
-    assert saved_image(comfy, entry, save).size == (64, 64)
+    assert h.saved_image(comfy, entry, save).size == (64, 64)

@@ -13,19 +13,14 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "bench"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from full_size_files import write  # noqa: E402
+from full_size_files import OUT, TOKENIZER, WORK, write  # noqa: E402  (also puts the repo on sys.path)
 
 from loaders.attention import AttentionBackend, why_unavailable  # noqa: E402
 from loaders.generation import denoise  # noqa: E402
 from loaders.pipeline_loading import load_parts  # noqa: E402
 
-OUT = os.environ.get("OUT", "/tmp")
-WORK = os.environ.get("WORK", "/tmp/zimage_full")
-TOKENIZER = os.environ.get("TOKENIZER", os.path.join(ROOT, ".bench_data", "qwen_tokenizer"))
 STEPS, RES = 9, 1024
 
 

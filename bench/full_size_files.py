@@ -10,7 +10,12 @@ import time
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+# Where the benchmarks write results (the device tool's $OUT), keep the weights, find the tokenizer.
+OUT = os.environ.get("OUT", "/tmp")
+WORK = os.environ.get("WORK", "/tmp/zimage_full")
+TOKENIZER = os.environ.get("TOKENIZER", os.path.join(ROOT, ".bench_data", "qwen_tokenizer"))
 
 from loaders import key_names  # noqa: E402
 from loaders.model_detection import scaffold_config  # noqa: E402

@@ -24,19 +24,14 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "bench"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from full_size_files import write  # noqa: E402
+from full_size_files import OUT, TOKENIZER, WORK, write  # noqa: E402  (also puts the repo on sys.path)
 
 from loaders.generation import decode, denoise  # noqa: E402
 from loaders.pipeline_loading import load_parts  # noqa: E402
 from loaders.placement import GiB, Storage, plan_memory  # noqa: E402
 
-OUT = os.environ.get("OUT", "/tmp")
-WORK = os.environ.get("WORK", "/tmp/zimage_full")
-TOKENIZER = os.environ.get("TOKENIZER", os.path.join(ROOT, ".bench_data", "qwen_tokenizer"))
 QUICK = os.environ.get("QUICK") == "1"
 STEPS, RES = 9, int(os.environ.get("RES", 1024))
 R: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": STEPS, "res": RES, "runs": {}}

@@ -58,6 +58,19 @@ def _block_of(name: str, blocks: list[str]) -> str | None:
     return None
 
 
+def host_block(component: LoadedComponent, part: str, name: str, where: Where, storage: str,
+               dtype: torch.dtype, host_budget_bytes: int) -> HostBlock:
+    """A streamed block's host copy. Pinned copies come from the process's cache (another run,
+    resolution or loader of the same file may have made them already); mapped ones are views of
+    the file mapping, with nothing to keep."""
+    module = component.module
+    if where != Where.PINNED:
+        return HostBlock(name, module.get_submodule(name), "bf16", False, dtype)
+    HOST_CACHE.raise_limit(host_budget_bytes)
+    key = (source_key(component.path), part, name, storage, str(dtype))
+    return HOST_CACHE.get(key, lambda: HostBlock(name, module.get_submodule(name), storage, True, dtype))
+
+
 class TransformerHandle:
     """Z-Image's transformer: resident blocks copied once, streamed blocks in host memory."""
 
@@ -85,8 +98,9 @@ class TransformerHandle:
                 b = _block_of(name, names)
                 return Copy.PLACEHOLDER if b is not None and where[b] != Where.GPU else Copy.DEVICE
             self._replica = device_copy(module, self.runtime.device, self.runtime.dtype, how)
-            self._host = {n: self._host_block(n, w, plan.storage.value) for n, w in plan.blocks
-                          if w in (Where.PINNED, Where.MAPPED)}
+            self._host = {n: host_block(self.component, "transformer", n, w, plan.storage.value,
+                                        self.runtime.dtype, plan.host_budget_bytes)
+                          for n, w in plan.blocks if w in (Where.PINNED, Where.MAPPED)}
             self._layout = layout
         streamer = None
         if self._host:
@@ -98,17 +112,6 @@ class TransformerHandle:
         finally:
             if streamer is not None:
                 streamer.close()
-
-    def _host_block(self, name: str, where: Where, storage: str) -> HostBlock:
-        """A block's host copy from the process's cache (another run, resolution or loader of the
-        same file may have made it already)."""
-        storage, pinned = (storage if where == Where.PINNED else "bf16"), where == Where.PINNED
-        module, dtype = self.component.module, self.runtime.dtype
-        if not pinned:  # a view of the file mapping: nothing to keep
-            return HostBlock(name, module.get_submodule(name), storage, pinned, dtype)
-        HOST_CACHE.raise_limit(self.runtime.plan.host_budget_bytes)
-        key = (source_key(self.component.path), "transformer", name, storage, str(dtype))
-        return HOST_CACHE.get(key, lambda: HostBlock(name, module.get_submodule(name), storage, pinned, dtype))
 
     def release(self) -> None:
         """Free the GPU copy (ComfyUI's 'free memory' and failures); pinned host copies stay in the
@@ -158,17 +161,10 @@ class TextEncoderHandle:
 
         module, device = self.component.module, self.runtime.device
         names = [f"layers.{i}" for i in range(len(module.layers))]
-        pinned = plan.text_encoder_host == Where.PINNED
-        if not self._host or next(iter(self._host.values())).pinned != pinned:
-            dtype = self.runtime.dtype
-            if pinned:
-                HOST_CACHE.raise_limit(plan.host_budget_bytes)
-                src = source_key(self.component.path)
-                self._host = {n: HOST_CACHE.get((src, "text_encoder", n, "bf16", str(dtype)),
-                                                lambda n=n: HostBlock(n, module.get_submodule(n), "bf16", True, dtype))
-                              for n in names}
-            else:
-                self._host = {n: HostBlock(n, module.get_submodule(n), "bf16", False, dtype) for n in names}
+        where = plan.text_encoder_host
+        if not self._host or next(iter(self._host.values())).pinned != (where == Where.PINNED):
+            self._host = {n: host_block(self.component, "text_encoder", n, where, "bf16", self.runtime.dtype,
+                                        plan.host_budget_bytes) for n in names}
 
         def how(name: str) -> Copy:
             if name.startswith("embed_tokens."):

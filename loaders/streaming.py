@@ -161,12 +161,7 @@ class BlockStreamer:
         self._handles: list = []
         self._pending: dict[int, int] = {}  # block position -> buffer slot holding (or receiving) it
         self._next = 0  # position of the block expected to run next
-        self.copies = 0  # blocks copied since attach (for tests and benchmarks)
-        self.bytes_copied = 0
-
-    @property
-    def device_bytes(self) -> int:
-        return sum(s.numel() for s in self.stage + (self.compute or []))
+        self.copies = 0  # blocks copied since attach (for tests)
 
     def attach(self) -> "BlockStreamer":
         for m, _ in self.blocks:
@@ -203,7 +198,6 @@ class BlockStreamer:
                 host.dequantize(self.stage[slot], self.compute[slot])
         self._pending[pos] = slot
         self.copies += 1
-        self.bytes_copied += host.stage_bytes
 
     def _restart(self, pos: int) -> None:
         """(Re)fill the pipeline so that block `pos` is the next one; used at attach and whenever

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import attention, sampling
+from . import attention, compiled_blocks, sampling
 from .errors import ZImageError
 from .placement import DECODE_TILE
 from .runtime import VAEHandle, ZImagePipelineParts, free_device_cache
@@ -40,9 +40,19 @@ class Velocity:
 @dataclass
 class DenoiseReport:
     attention: str
-    seconds_per_step: float
+    seconds_per_step: float  # after the first step when this run compiled graphs
     steps: int
     plan: str
+    compiled: bool = False
+    compile_graphs: int = 0  # graphs compiled in this run (0: reused from an earlier run)
+    first_step_s: float = 0.0  # with compiled blocks: the first step, compilation included
+
+    def summary(self) -> str:
+        out = f"attention {self.attention}, {self.seconds_per_step:.3f} s/step"
+        if self.compiled:
+            out += (f", compiled blocks (compiled {self.compile_graphs} graphs: first step {self.first_step_s:.1f} s)"
+                    if self.compile_graphs else ", compiled blocks (reused)")
+        return out
 
 
 def check_features(feats: torch.Tensor, width: int, what: str) -> None:
@@ -57,8 +67,10 @@ def check_features(feats: torch.Tensor, width: int, what: str) -> None:
 def denoise(parts: ZImagePipelineParts, positive: torch.Tensor, negative: torch.Tensor | None,
             latent: torch.Tensor, seed: int, steps: int = 9, cfg: float = 1.0, shift: float = 3.0,
             sampler: str = "euler", denoise: float = 1.0, attention_backend: str = "auto",
-            hooks: sampling.StepHooks | None = None) -> tuple[torch.Tensor, DenoiseReport]:
-    """Sample a LATENT (ComfyUI convention) from caption features `positive` [tokens, width]."""
+            hooks: sampling.StepHooks | None = None, compile_blocks: bool = False,
+            compile_backend: str = "inductor") -> tuple[torch.Tensor, DenoiseReport]:
+    """Sample a LATENT (ComfyUI convention) from caption features `positive` [tokens, width].
+    `compile_blocks`: the repeated blocks run through torch.compile (see compiled_blocks)."""
     rt = parts.runtime
     backend = attention.resolve(attention_backend, rt.device)
     sampling.validate(steps, latent.shape[-2] * 8, latent.shape[-1] * 8, denoise)
@@ -72,17 +84,24 @@ def denoise(parts: ZImagePipelineParts, positive: torch.Tensor, negative: torch.
     try:
         plan = rt.plan_for(latent.shape[-2] * 8, latent.shape[-1] * 8,
                            latent.shape[0] * (2 if negative is not None and cfg > 1.0 else 1))
-        with parts.transformer.on_device(plan) as tr, attention.attention_backend(tr, backend):
+        with parts.transformer.on_device(plan) as tr, attention.attention_backend(tr, backend), \
+                compiled_blocks.compiled(tr, compile_blocks, compile_backend) as compile_report:
             v = Velocity(tr, positive, negative, cfg, rt.device, rt.dtype)
             start = time.perf_counter()
             # No synchronisation per step: the GPU keeps its queue and the streamer its prefetch
             # across step boundaries; sample() returns a CPU tensor, which waits for the end.
             out = sampling.sample(v, latent, seed, steps, sampler, shift, denoise, hooks)
-            per_step = (time.perf_counter() - start) / steps
+            total = time.perf_counter() - start
     except BaseException:
         free_device_cache(rt.device, collect=True)  # activations of the failed step
         raise
-    return out, DenoiseReport(backend.value, per_step, steps, plan.summary())
+    first = compile_report.seconds
+    if compile_report.graphs and steps > 1:
+        per_step = (total - first) / (steps - 1)  # the first step paid for compiling
+    else:
+        per_step = total / steps
+    return out, DenoiseReport(backend.value, per_step, steps, plan.summary(), compile_blocks, compile_report.graphs,
+                              first)
 
 
 @torch.no_grad()

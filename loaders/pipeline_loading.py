@@ -8,7 +8,8 @@ import torch
 
 from . import component_loading
 from .errors import ZImageError
-from .placement import GiB, ModelSizes, Storage, plan_memory
+from .fp8_matmul import check_supported
+from .placement import GiB, Matmul, ModelSizes, Storage, plan_memory
 from .runtime import Runtime, TextEncoderHandle, TransformerHandle, VAEHandle, ZImagePipelineParts
 from .tokenizer import load_tokenizer, tokenizer_folder
 
@@ -20,7 +21,7 @@ def default_device() -> torch.device:
 def load_parts(model: str, text_encoder: str | None = None, vae: str | None = None, vram_budget_gb: float = 0.0,
                device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                comfy_tokenizer: str | None = None, ram_budget_gb: float = 0.0,
-               storage: Storage | str = Storage.BF16) -> ZImagePipelineParts:
+               storage: Storage | str = Storage.BF16, matmul: Matmul | str = Matmul.BF16) -> ZImagePipelineParts:
     """Open the transformer `model` (a single file or a diffusers folder), the text encoder and the
     VAE (None = from the diffusers folder `model`), and plan them for `device` and the budget.
 
@@ -28,6 +29,9 @@ def load_parts(model: str, text_encoder: str | None = None, vae: str | None = No
     """
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or torch.bfloat16
+    matmul = Matmul(matmul)
+    if matmul == Matmul.FP8:
+        check_supported(device)
     # fp16 VAE decodes overflow to NaN (black images); bf16 is as fast on GPUs, fp32 on CPUs.
     vae_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     for role, path in (("text encoder", text_encoder), ("VAE", vae)):
@@ -50,7 +54,7 @@ def load_parts(model: str, text_encoder: str | None = None, vae: str | None = No
         tok = load_tokenizer(comfy_tokenizer or tokenizer_folder(model if os.path.isdir(model) else text_encoder))
         sizes = ModelSizes.of(t.module, te.module, v.module, dtype, vae_dtype)
         # Shown by the loader; the sampler re-plans for its own resolution and batch.
-        plan = plan_memory(sizes, device, vram_budget_gb, ram_budget_gb, storage=storage)
+        plan = plan_memory(sizes, device, vram_budget_gb, ram_budget_gb, storage=storage, matmul=matmul)
     except BaseException:
         # The traceback keeps this frame alive (ComfyUI shows it); drop what was loaded so the
         # failed load holds no weights or file mappings.
@@ -59,5 +63,6 @@ def load_parts(model: str, text_encoder: str | None = None, vae: str | None = No
     # "Automatic" is resolved once, here: asked again later, free VRAM would exclude what the
     # pack itself then holds, and each re-plan would shrink.
     rt = Runtime(device, dtype, vae_dtype, sizes, plan.budget_bytes / GiB if device.type == "cuda" else vram_budget_gb,
-                 plan.host_budget_bytes / GiB if device.type == "cuda" else ram_budget_gb, Storage(storage), plan)
+                 plan.host_budget_bytes / GiB if device.type == "cuda" else ram_budget_gb, Storage(storage), plan,
+                 matmul=matmul)
     return ZImagePipelineParts(TransformerHandle(t, rt), TextEncoderHandle(te, rt, tok), VAEHandle(v, rt), rt)

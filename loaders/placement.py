@@ -57,6 +57,11 @@ class Storage(str, Enum):
     FP8 = "fp8"  # streamed blocks kept as float8_e4m3fn with per-row scales
 
 
+class Matmul(str, Enum):
+    BF16 = "bf16"
+    FP8 = "fp8"  # the blocks' linear layers multiply in fp8 (fp8_matmul.Fp8Linear): fp8 resident and streamed
+
+
 @dataclass(frozen=True)
 class ModelSizes:
     """Bytes in the compute dtype, per part; blocks in the order the model calls them."""
@@ -66,6 +71,13 @@ class ModelSizes:
     text_encoder_stem: int  # final norm and rotary tables
     text_encoder_blocks: tuple[int, ...]
     vae: int
+    # Each block with its matrices in fp8 + per-row float32 scales (fp8 storage or fp8 matmuls).
+    transformer_blocks_fp8: tuple[int, ...] = ()
+
+    def block_fp8(self, i: int) -> int:
+        if self.transformer_blocks_fp8:
+            return self.transformer_blocks_fp8[i]
+        return fp8_bytes(self.transformer_blocks[i][1])
 
     @property
     def transformer(self) -> int:
@@ -79,14 +91,21 @@ class ModelSizes:
     def of(cls, transformer, text_encoder, vae, dtype: torch.dtype, vae_dtype: torch.dtype) -> "ModelSizes":
         """Sizes of loaded modules once in `dtype` (diffusers' ZImageTransformer2DModel, transformers'
         Qwen3Model, AutoencoderKL)."""
-        def nbytes(m, dt=dtype) -> int:
-            return sum(t.numel() * (dt.itemsize if t.is_floating_point() else t.element_size())
-                       for t in list(m.parameters()) + list(m.buffers()))
-        blocks = tuple((name, nbytes(transformer.get_submodule(name))) for name in transformer_block_names(transformer))
+        def nbytes(m, dt=dtype, fp8=False) -> int:
+            total = 0
+            for t in list(m.parameters()) + list(m.buffers()):
+                if fp8 and t.ndim == 2 and t.is_floating_point():
+                    total += t.numel() + t.shape[0] * 4
+                else:
+                    total += t.numel() * (dt.itemsize if t.is_floating_point() else t.element_size())
+            return total
+        names = transformer_block_names(transformer)
+        blocks = tuple((name, nbytes(transformer.get_submodule(name))) for name in names)
         te_blocks = tuple(nbytes(layer) for layer in text_encoder.layers)
         emb = nbytes(text_encoder.embed_tokens)
         return cls(nbytes(transformer) - sum(b for _, b in blocks), blocks, emb,
-                   nbytes(text_encoder) - emb - sum(te_blocks), te_blocks, nbytes(vae, vae_dtype))
+                   nbytes(text_encoder) - emb - sum(te_blocks), te_blocks, nbytes(vae, vae_dtype),
+                   tuple(nbytes(transformer.get_submodule(name), fp8=True) for name in names))
 
 
 def transformer_block_names(transformer) -> list[str]:
@@ -127,6 +146,14 @@ class MemoryPlan:
     vae_tiled: bool
     sizes: ModelSizes
     phases: dict[str, int] = field(default_factory=dict)
+    matmul: Matmul = Matmul.BF16
+
+    def _block_bytes(self, i: int, where: Where) -> int:
+        """Bytes block i takes where it lives (on the GPU, or copied per step when streamed)."""
+        b = self.sizes.transformer_blocks[i][1]
+        if self.matmul == Matmul.FP8 or (where == Where.PINNED and self.storage == Storage.FP8):
+            return self.sizes.block_fp8(i)
+        return b
 
     @property
     def streamed(self) -> list[str]:
@@ -137,23 +164,16 @@ class MemoryPlan:
         if self.device == "cpu":
             return 0
         return self.sizes.transformer_stem + sum(
-            b for (_, b), (_, w) in zip(self.sizes.transformer_blocks, self.blocks) if w == Where.GPU)
+            self._block_bytes(i, w) for i, (_, w) in enumerate(self.blocks) if w == Where.GPU)
 
     @property
     def streamed_bytes_per_step(self) -> int:
         """Bytes copied host->GPU per transformer forward."""
-        total = 0
-        for (_, b), (_, w) in zip(self.sizes.transformer_blocks, self.blocks):
-            if w == Where.PINNED:
-                total += fp8_bytes(b) if self.storage == Storage.FP8 else b
-            elif w == Where.MAPPED:
-                total += b
-        return total
+        return sum(self._block_bytes(i, w) for i, (_, w) in enumerate(self.blocks) if w in (Where.PINNED, Where.MAPPED))
 
     @property
     def pinned_bytes(self) -> int:
-        total = sum(fp8_bytes(b) if self.storage == Storage.FP8 else b
-                    for (_, b), (_, w) in zip(self.sizes.transformer_blocks, self.blocks) if w == Where.PINNED)
+        total = sum(self._block_bytes(i, w) for i, (_, w) in enumerate(self.blocks) if w == Where.PINNED)
         if self.text_encoder == "streamed" and self.text_encoder_host == Where.PINNED:
             total += sum(self.sizes.text_encoder_blocks)
         return total
@@ -180,8 +200,9 @@ class MemoryPlan:
             f"x{self.batch}",
             f"transformer: {self.resident_bytes / GiB:.1f} GB resident ({len(self.blocks) - n_stream}/"
             f"{len(self.blocks)} blocks), {self.streamed_bytes_per_step / GiB:.1f} GB streamed per step "
-            f"({n_stream} blocks, {self.storage.value}"
-            + (f", {mapped} from the mapped file" if mapped else "") + ")",
+            f"({n_stream} blocks, {'fp8' if self.matmul == Matmul.FP8 else self.storage.value}"
+            + (f", {mapped} from the mapped file" if mapped else "") + ")"
+            + ("; fp8 matmuls" if self.matmul == Matmul.FP8 else ""),
             f"text encoder: {self.text_encoder}" + (f" from {self.text_encoder_host.value} RAM"
                                                     if self.text_encoder == "streamed" else "")
             + f"; VAE: copied for decode{', tiled' if self.vae_tiled else ''}",
@@ -226,16 +247,17 @@ def available_host_bytes() -> int:
 
 def plan_memory(sizes: ModelSizes, device: torch.device | str, budget_gb: float = 0.0, host_budget_gb: float = 0.0,
                 height: int = 1024, width: int = 1024, batch: int = 1, storage: Storage | str = Storage.BF16,
-                free_bytes: int | None = None, free_host_bytes: int | None = None) -> MemoryPlan:
+                free_bytes: int | None = None, free_host_bytes: int | None = None,
+                matmul: Matmul | str = Matmul.BF16) -> MemoryPlan:
     """The plan for one device. `budget_gb` 0 = free VRAM minus a margin; `host_budget_gb` 0 = 3/4 of
     the RAM available now. `free_bytes`/`free_host_bytes` override what is asked of the machine."""
     device = torch.device(device)
-    storage = Storage(storage)
+    storage, matmul = Storage(storage), Matmul(matmul)
     n = len(sizes.transformer_blocks)
     if device.type == "cpu":
         return MemoryPlan("cpu", 0, 0, height, width, batch, storage,
                           tuple((name, Where.CPU) for name, _ in sizes.transformer_blocks), "cpu", Where.CPU, False,
-                          sizes, {"encode": 0, "denoise": 0, "decode": 0})
+                          sizes, {"encode": 0, "denoise": 0, "decode": 0}, matmul)
     for value, name in ((budget_gb, "vram_budget_gb"), (host_budget_gb, "ram_budget_gb")):
         if value < 0:
             raise ZImageError("a memory budget cannot be negative", where=f"loader input '{name}'", found=str(value),
@@ -255,39 +277,40 @@ def plan_memory(sizes: ModelSizes, device: torch.device | str, budget_gb: float 
     work = denoise_work_bytes(height, width, batch)
     base = CUDA_CONTEXT_BYTES + SLACK_BYTES
     blocks = [b for _, b in sizes.transformer_blocks]
-
-    def stage(b: int, where: Where) -> int:
-        # Mapped blocks are copied straight from the file, so they stay in the compute dtype.
-        return fp8_bytes(b) if storage == Storage.FP8 and where == Where.PINNED else b
+    # Bytes of block i where it lives: mapped blocks are copied straight from the file, so they stay
+    # in the compute dtype, unless fp8 matmuls need them quantised anyway.
+    probe = MemoryPlan(str(device), 0, 0, height, width, batch, storage, (), "", Where.CPU, False, sizes, {}, matmul)
+    stage = probe._block_bytes
+    dequantised = storage == Storage.FP8 and matmul == Matmul.BF16
 
     def place(resident: list[bool]) -> tuple[list[Where], int]:
         """Streamed blocks pinned in call order while the host budget lasts, the rest mapped."""
         out, pinned = [], 0
-        for b, r in zip(blocks, resident):
+        for i, r in enumerate(resident):
             if r:
                 out.append(Where.GPU)
-            elif pinned + stage(b, Where.PINNED) <= host_budget:
+            elif pinned + stage(i, Where.PINNED) <= host_budget:
                 out.append(Where.PINNED)
-                pinned += stage(b, Where.PINNED)
+                pinned += stage(i, Where.PINNED)
             else:
                 out.append(Where.MAPPED)
         return out, pinned
 
     def buffers(where: list[Where]) -> int:
-        streamed = [(b, w) for b, w in zip(blocks, where) if w != Where.GPU]
+        streamed = [(i, w) for i, w in enumerate(where) if w != Where.GPU]
         if not streamed:
             return 0
-        staging = min(N_BUFFERS, len(streamed)) * max(stage(b, w) for b, w in streamed)
-        # fp8 blocks are dequantised on the copy stream into one bf16 buffer per slot
-        fp8_compute = min(N_BUFFERS, len(streamed)) * max(b for b, w in streamed if w == Where.PINNED) \
-            if storage == Storage.FP8 and any(w == Where.PINNED for _, w in streamed) else 0
+        staging = min(N_BUFFERS, len(streamed)) * max(stage(i, w) for i, w in streamed)
+        # fp8-stored blocks are dequantised on the copy stream into one bf16 buffer per slot
+        fp8_compute = min(N_BUFFERS, len(streamed)) * max(blocks[i] for i, w in streamed if w == Where.PINNED) \
+            if dequantised and any(w == Where.PINNED for _, w in streamed) else 0
         return staging + fp8_compute
 
     te_stream = sizes.text_encoder_stem + min(N_BUFFERS, len(sizes.text_encoder_blocks)) * max(
         sizes.text_encoder_blocks) + ENCODE_WORK_BYTES
 
     def phases(where: list[Where], tiled: bool) -> dict[str, int]:
-        res = sizes.transformer_stem + sum(b for b, w in zip(blocks, where) if w == Where.GPU)
+        res = sizes.transformer_stem + sum(stage(i, w) for i, w in enumerate(where) if w == Where.GPU)
         return {"encode": base + res + te_stream,
                 "denoise": base + res + buffers(where) + work,
                 "decode": base + res + sizes.vae + decode_work_bytes(height, width, batch, tiled)}
@@ -304,12 +327,14 @@ def plan_memory(sizes: ModelSizes, device: torch.device | str, budget_gb: float 
             break
     if chosen is None:
         least = phases(place([False] * n)[0], True)
+        streaming = "fp8" if matmul == Matmul.FP8 else storage.value
         need = max(least.values())
         raise ZImageError(
             "the VRAM budget is too small for Z-Image even with every block streamed",
             where="loader input 'vram_budget_gb'",
-            expected=f"at least {need / GiB:.1f} GB at {width}x{height} x{batch} ({storage.value} streaming: CUDA "
-                     f"context, the transformer's stem, {N_BUFFERS} block buffers and the working memory)",
+            expected=f"at least {need / GiB:.1f} GB at {width}x{height} x{batch} ({streaming} "
+                     f"streaming: CUDA context, the transformer's stem, {N_BUFFERS} block buffers and the working "
+                     "memory)",
             found=f"{budget / GiB:.1f} GB" + (" free" if budget_gb == 0 else ""),
             fix=f"raise vram_budget_gb to {need / GiB:.1f} or more, lower the resolution or batch, or close "
                 "other GPU programs.")
@@ -317,4 +342,4 @@ def plan_memory(sizes: ModelSizes, device: torch.device | str, budget_gb: float 
     placed = tuple((name, w) for (name, _), w in zip(sizes.transformer_blocks, where))
     te_host = Where.PINNED if pinned + sum(sizes.text_encoder_blocks) <= host_budget else Where.MAPPED
     return MemoryPlan(str(device), budget, host_budget, height, width, batch, storage, placed, "streamed",
-                      te_host, tiled, sizes, ph)
+                      te_host, tiled, sizes, ph, matmul)

@@ -18,8 +18,9 @@ from torch import nn
 
 from .component_loading import LoadedComponent
 from .device_copy import Copy, device_copy
+from .fp8_matmul import linear_names, to_fp8_linears
 from .host_cache import HOST_CACHE, source_key
-from .placement import MemoryPlan, ModelSizes, Storage, Where, plan_memory
+from .placement import Matmul, MemoryPlan, ModelSizes, Storage, Where, plan_memory
 from .streaming import BlockStreamer, HostBlock
 
 
@@ -34,11 +35,12 @@ class Runtime:
     storage: Storage
     plan: MemoryPlan  # the plan of the last (or the loader's default) shape
     fixed_plan: bool = False  # tests and benchmarks may pin a hand-made plan
+    matmul: Matmul = Matmul.BF16
 
     def plan_for(self, height: int, width: int, batch: int) -> MemoryPlan:
         if not self.fixed_plan and (self.plan.height, self.plan.width, self.plan.batch) != (height, width, batch):
             self.plan = plan_memory(self.sizes, self.device, self.vram_budget_gb, self.ram_budget_gb, height, width,
-                                    batch, self.storage)
+                                    batch, self.storage, matmul=self.matmul)
         return self.plan
 
 
@@ -62,13 +64,15 @@ def host_block(component: LoadedComponent, part: str, name: str, where: Where, s
                dtype: torch.dtype, host_budget_bytes: int) -> HostBlock:
     """A streamed block's host copy. Pinned copies come from the process's cache (another run,
     resolution or loader of the same file may have made them already); mapped ones are views of
-    the file mapping, with nothing to keep."""
+    the file mapping, with nothing to keep (unless fp8 matmuls need them quantised).
+    `storage`: "bf16", "fp8" or "fp8_matmul"."""
     module = component.module
+    fp8_matmul = storage == "fp8_matmul"
     if where != Where.PINNED:
-        return HostBlock(name, module.get_submodule(name), "bf16", False, dtype)
+        return HostBlock(name, module.get_submodule(name), "bf16", False, dtype, fp8_matmul)
     HOST_CACHE.raise_limit(host_budget_bytes)
     key = (source_key(component.path), part, name, storage, str(dtype))
-    return HOST_CACHE.get(key, lambda: HostBlock(name, module.get_submodule(name), storage, True, dtype))
+    return HOST_CACHE.get(key, lambda: HostBlock(name, module.get_submodule(name), storage, True, dtype, fp8_matmul))
 
 
 class TransformerHandle:
@@ -77,28 +81,41 @@ class TransformerHandle:
     def __init__(self, component: LoadedComponent, runtime: Runtime):
         self.component, self.runtime = component, runtime
         self._replica: nn.Module | None = None
-        self._layout: tuple | None = None  # (blocks placement, storage) the replica was built for
+        self._layout: tuple | None = None  # (blocks placement, storage, matmul) the replica was built for
         self._host: dict[str, HostBlock] = {}
         self.last_streamer: BlockStreamer | None = None  # kept for reports (bytes copied)
 
     @contextmanager
     def on_device(self, plan: MemoryPlan) -> Iterator[nn.Module]:
         module = self.component.module
-        if all(w == Where.CPU for _, w in plan.blocks):
+        fp8 = plan.matmul == Matmul.FP8
+        if all(w == Where.CPU for _, w in plan.blocks) and not fp8:
             yield module
             return
         where = dict(plan.blocks)
-        layout = (plan.blocks, plan.storage)
+        layout = (plan.blocks, plan.storage, plan.matmul)
         if self._layout != layout:
             self._replica, self._layout = None, None
             free_device_cache(self.runtime.device)
             names = list(where)
+            resident = {b for b, w in where.items() if w in (Where.GPU, Where.CPU)}
+            quantised = {f"{b}.{lin}.weight" for b in names for lin in linear_names(module.get_submodule(b))} \
+                if fp8 else set()
 
             def how(name: str) -> Copy:
                 b = _block_of(name, names)
-                return Copy.PLACEHOLDER if b is not None and where[b] != Where.GPU else Copy.DEVICE
+                if b is None:
+                    return Copy.DEVICE
+                # fp8 weights of resident blocks are quantised one layer at a time, below
+                return Copy.DEVICE if b in resident and name not in quantised else Copy.PLACEHOLDER
             self._replica = device_copy(module, self.runtime.device, self.runtime.dtype, how)
-            self._host = {n: host_block(self.component, "transformer", n, w, plan.storage.value,
+            if fp8:
+                for b in names:
+                    block = module.get_submodule(b)
+                    to_fp8_linears(self._replica.get_submodule(b), {
+                        lin: block.get_submodule(lin).weight for lin in linear_names(block)} if b in resident else None)
+            storage = "fp8_matmul" if fp8 else plan.storage.value
+            self._host = {n: host_block(self.component, "transformer", n, w, storage,
                                         self.runtime.dtype, plan.host_budget_bytes)
                           for n, w in plan.blocks if w in (Where.PINNED, Where.MAPPED)}
             self._layout = layout

@@ -11,7 +11,8 @@ On a CPU device the same engine runs with synchronous copies, so its logic is te
 Storage: "bf16" copies weights as they are; "fp8" keeps each streamed matrix in float8_e4m3fn
 with one float32 scale per output row (per-row absmax / 448): half the bytes over PCIe. It is
 dequantised into the slot's bf16 buffer on the copy stream right after its copy, so the
-compute stream never waits for it.
+compute stream never waits for it, unless the blocks multiply in fp8 themselves
+(`fp8_matmul.Fp8Linear`): then the fp8 weights and their scales are bound as they arrived.
 """
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .fp8_matmul import FP8, fp8_quantize
 from .placement import N_BUFFERS
 
 _ALIGN = 256  # byte alignment of every tensor inside a buffer (CUDA kernels like aligned rows)
-FP8_MAX = 448.0  # largest normal float8_e4m3fn
 
 
 def _align(n: int) -> int:
@@ -49,18 +50,16 @@ class _Entry:
         return n
 
 
-def fp8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float8_e4m3fn weights, float32 per-row scales) for a 2-D weight."""
-    w32 = w.float()
-    scale = (w32.abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
-    return (w32 / scale[:, None]).to(torch.float8_e4m3fn), scale
-
-
 class HostBlock:
     """One block's weights in host memory, laid out as the device buffer will hold them."""
 
-    def __init__(self, name: str, module: nn.Module, storage: str, pinned: bool, compute_dtype: torch.dtype):
-        self.name, self.storage, self.pinned = name, storage, pinned
+    def __init__(self, name: str, module: nn.Module, storage: str, pinned: bool, compute_dtype: torch.dtype,
+                 fp8_matmul: bool = False):
+        """`fp8_matmul`: the block's linears are Fp8Linear on the device; their weights are stored (and
+        bound) as fp8 with `<weight>_scale`, whatever `storage` says."""
+        if fp8_matmul:
+            storage = "fp8"
+        self.name, self.storage, self.pinned, self.fp8_matmul = name, storage, pinned, fp8_matmul
         tensors = dict(module.named_parameters()) | dict(module.named_buffers())
         self.entries: list[_Entry] = []
         stage = compute = 0
@@ -69,24 +68,26 @@ class HostBlock:
             nbytes = t.numel() * dtype.itemsize
             quant = storage == "fp8" and t.ndim == 2 and t.is_floating_point()
             if quant:
-                e = _Entry(n, t.shape, dtype, stage, torch.float8_e4m3fn, compute)
+                e = _Entry(n, t.shape, dtype, stage, FP8, compute)
                 stage = _align(stage + t.numel())
                 e.scale_off = stage
                 stage = _align(stage + t.shape[0] * 4)
             else:
                 e = _Entry(n, t.shape, dtype, stage, dtype, compute)
                 stage = _align(stage + nbytes)
-            compute = _align(compute + nbytes)
+            if not (quant and fp8_matmul):
+                compute = _align(compute + nbytes)
             self.entries.append(e)
         self.stage_bytes, self.compute_bytes = stage, compute
         self.quantized = storage == "fp8"
+        self.dequantized = self.quantized and not fp8_matmul  # fp8 in RAM, bf16 for compute
         self.host_bytes = 0  # bytes this copy holds in host RAM (0 when it reads the mapped file)
         if pinned or self.quantized:
             # One contiguous host buffer: a single copy per block, at full PCIe speed when pinned.
             self.host = torch.empty(stage, dtype=torch.uint8, pin_memory=pinned and torch.cuda.is_available())
             for e in self.entries:
                 src = tensors[e.name].detach()
-                if e.stage_dtype == torch.float8_e4m3fn:
+                if e.stage_dtype == FP8:
                     q, s = fp8_quantize(src)
                     self.host[e.stage_off:e.stage_off + q.numel()].view(q.dtype).copy_(q.reshape(-1))
                     self.host[e.scale_off:e.scale_off + s.numel() * 4].view(torch.float32).copy_(s)
@@ -111,19 +112,34 @@ class HostBlock:
     def dequantize(self, stage: torch.Tensor, compute: torch.Tensor) -> None:
         """fp8 entries of `stage` -> bf16 in `compute` (on the current stream)."""
         for e in self.entries:
-            if e.stage_dtype == torch.float8_e4m3fn:
-                w8 = stage[e.stage_off:e.stage_off + e.numel].view(torch.float8_e4m3fn).view(e.shape)
+            if e.stage_dtype == FP8:
+                w8 = stage[e.stage_off:e.stage_off + e.numel].view(FP8).view(e.shape)
                 scale = stage[e.scale_off:e.scale_off + e.shape[0] * 4].view(torch.float32)
                 t = compute[e.compute_off:e.compute_off + e.numel * e.dtype.itemsize].view(e.dtype).view(e.shape)
                 t.copy_(w8)  # exact: every e4m3 value is a bf16 value
                 t.mul_(scale[:, None])
 
+    def bound_names(self) -> list[tuple[str, torch.dtype]]:
+        """(name, dtype) of every tensor `views` binds into the block."""
+        out = []
+        for e in self.entries:
+            if self.fp8_matmul and e.stage_dtype == FP8:
+                out += [(e.name, FP8), (e.name + "_scale", torch.float32)]
+            else:
+                out.append((e.name, e.dtype))
+        return out
+
     def views(self, stage: torch.Tensor, compute: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """The block's tensors on the device (fp8 entries from `compute`, once dequantised)."""
+        """The block's tensors on the device (fp8 entries from `compute`, once dequantised; as they
+        are, with their scales, for fp8 matmuls)."""
         out = {}
         for e in self.entries:
             nbytes = e.numel * e.dtype.itemsize
-            if e.stage_dtype == torch.float8_e4m3fn:
+            if self.fp8_matmul and e.stage_dtype == FP8:
+                out[e.name] = stage[e.stage_off:e.stage_off + e.numel].view(FP8).view(e.shape)
+                out[e.name + "_scale"] = stage[e.scale_off:e.scale_off + e.shape[0] * 4].view(torch.float32)
+                continue
+            if e.stage_dtype == FP8:
                 t = compute[e.compute_off:e.compute_off + nbytes].view(e.dtype).view(e.shape)
             else:
                 t = stage[e.stage_off:e.stage_off + nbytes].view(e.dtype).view(e.shape)
@@ -145,7 +161,7 @@ class BlockStreamer:
         self.cuda = self.device.type == "cuda"
         stage_bytes = max(h.stage_bytes for _, h in self.blocks)
         self.stage = [torch.empty(stage_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.n)]
-        fp8 = any(h.quantized for _, h in self.blocks)
+        fp8 = any(h.dequantized for _, h in self.blocks)
         compute_bytes = max(h.compute_bytes for _, h in self.blocks)
         self.compute = [torch.empty(compute_bytes, dtype=torch.uint8, device=self.device)
                         for _ in range(self.n)] if fp8 else None
@@ -156,8 +172,8 @@ class BlockStreamer:
             self.freed = [torch.cuda.Event() for _ in range(self.n)]
         self._placeholders = {}
         for m, h in self.blocks:
-            for e in h.entries:
-                self._placeholders[(id(m), e.name)] = torch.empty(0, dtype=e.dtype, device=self.device)
+            for name, dtype in h.bound_names():
+                self._placeholders[(id(m), name)] = torch.empty(0, dtype=dtype, device=self.device)
         self._handles: list = []
         self._pending: dict[int, int] = {}  # block position -> buffer slot holding (or receiving) it
         self._next = 0  # position of the block expected to run next
@@ -189,12 +205,12 @@ class BlockStreamer:
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(self.freed[slot])
                 host.copy_into(self.stage[slot], non_blocking=True)
-                if host.quantized:
+                if host.dequantized:
                     host.dequantize(self.stage[slot], self.compute[slot])
                 self.copied[slot].record(self.copy_stream)
         else:
             host.copy_into(self.stage[slot], non_blocking=False)
-            if host.quantized:
+            if host.dequantized:
                 host.dequantize(self.stage[slot], self.compute[slot])
         self._pending[pos] = slot
         self.copies += 1
@@ -223,7 +239,7 @@ class BlockStreamer:
 
     def _unbind(self, module: nn.Module) -> None:
         _, host = self.blocks[self.index[id(module)]]
-        self._bind(module, {e.name: self._placeholders[(id(module), e.name)] for e in host.entries})
+        self._bind(module, {name: self._placeholders[(id(module), name)] for name, _ in host.bound_names()})
 
     def _before(self, module: nn.Module, args) -> None:
         pos = self.index[id(module)]

@@ -45,13 +45,18 @@ class ZImageSampler:
                 "default": AttentionBackend.AUTO.value,
                 "tooltip": "Attention kernel for this run only. auto picks the fastest measured for your GPU. "
                            "A backend that is not installed is an error that says how to install it."}),
+            "compile": ("BOOLEAN", {
+                "default": False,
+                "tooltip": "Compile the transformer's repeated blocks with torch.compile (needs a C++ compiler; "
+                           "Triton on NVIDIA). The first run compiles (tens of seconds, shown on the node); "
+                           "later runs and other resolutions reuse it. Works with streamed blocks."}),
         }, "optional": {
             "negative": ("CONDITIONING", {"tooltip": "What to avoid; used only when cfg > 1. Left empty with "
                                                      "cfg > 1, the empty prompt is the negative."}),
         }}
 
     def sample(self, model, positive, latent_image, seed, steps, cfg, shift, sampler, denoise, attention,
-               negative=None):
+               compile=False, negative=None):
         if "noise_mask" in latent_image:
             raise ZImageError("inpainting masks are not supported yet", where="sampler input 'latent_image'",
                               found="a latent with a noise_mask (from Set Latent Noise Mask or VAE Encode for "
@@ -60,14 +65,13 @@ class ZImageSampler:
         pos = from_conditioning(positive, "positive")
         neg = from_conditioning(negative, "negative") if negative is not None else None
         samples, report = _denoise(model, pos, neg, latent_image["samples"], seed, steps, cfg, shift, sampler,
-                                   denoise, attention)
+                                   denoise, attention, compile)
         out = dict(latent_image)
         out["samples"] = samples
-        info = f"attention {report.attention}, {report.seconds_per_step:.3f} s/step"
-        return {"ui": {"zimage_run": [info]}, "result": (out,)}
+        return {"ui": {"zimage_run": [report.summary()]}, "result": (out,)}
 
 
-def _denoise(parts, pos, neg, latent, seed, steps, cfg, shift, sampler, denoise_, attention):
+def _denoise(parts, pos, neg, latent, seed, steps, cfg, shift, sampler, denoise_, attention, compile_blocks):
     make_room(parts)
     return denoise(parts, pos, neg, latent, seed, steps, cfg, shift, sampler, denoise_, attention,
-                   bridge.step_hooks(steps, parts.runtime.device))
+                   bridge.step_hooks(steps, parts.runtime.device), compile_blocks=compile_blocks)

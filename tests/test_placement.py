@@ -112,3 +112,15 @@ def test_cpu_runs_keep_everything_in_ram(sizes):
 
     p = plan_memory(sizes, "cpu", 4)
     assert all(w.value == "cpu" for _, w in p.blocks) and p.text_encoder == "cpu"
+
+
+def test_fp8_matmuls_halve_resident_and_streamed_bytes(sizes):
+    bf16, fp8 = plan(sizes, 0), plan(sizes, 0, matmul="fp8")
+    assert all(w.value == "gpu" for _, w in fp8.blocks)
+    blocks = sum(b for _, b in sizes.transformer_blocks)
+    assert 0.49 < (fp8.resident_bytes - sizes.transformer_stem) / blocks < 0.52
+    assert fp8.peak_bytes < bf16.peak_bytes - 5 * GiB
+    # at 8 GB, fp8 blocks leave room for about twice as many resident ones, with no dequantisation buffers
+    b8, f8 = plan(sizes, 8), plan(sizes, 8, matmul="fp8")
+    assert len(f8.blocks) - len(f8.streamed) >= 1.8 * (len(b8.blocks) - len(b8.streamed))
+    assert f8.peak_bytes <= 8 * GiB and "fp8 matmuls" in f8.summary()

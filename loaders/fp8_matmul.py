@@ -1,0 +1,88 @@
+"""fp8 matmuls for the transformer's repeated blocks (Hopper and Ada GPUs; any CPU).
+
+Every linear layer of a block keeps its weight as float8_e4m3fn with one float32 scale per output
+row (the same per-row layout the streamer's fp8 storage uses), and multiplies with
+`torch._scaled_mm`: the activations are quantised per token (row) on the fly, the product comes
+out in bf16. Half the weight memory and half the bytes streamed, and on Hopper the fp8 tensor
+cores. The adaLN projections see one row per image: too few rows for fp8 GEMMs, so they
+dequantise their (small) weight and multiply in bf16.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ZImageError
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest normal float8_e4m3fn
+_MIN_ROWS = 16  # fp8 GEMMs want every dimension a multiple of 16
+
+
+def fp8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8_e4m3fn weights, float32 per-row scales) for a 2-D weight."""
+    w32 = w.float()
+    scale = (w32.abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
+    return (w32 / scale[:, None]).to(FP8), scale
+
+
+class Fp8Linear(nn.Module):
+    """A bias-optional linear layer with an fp8 per-row-scaled weight (`weight`, `weight_scale`)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None,
+                 weight: torch.Tensor, weight_scale: torch.Tensor):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("weight_scale", weight_scale)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if rows < _MIN_ROWS or rows % _MIN_ROWS or self.in_features % _MIN_ROWS or self.out_features % _MIN_ROWS:
+            w = self.weight.to(x.dtype) * self.weight_scale[:, None].to(x.dtype)
+            return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        x2 = x.reshape(rows, self.in_features)
+        x_scale = (x2.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
+        xq = (x2.float() / x_scale).to(FP8)
+        out = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale[None, :],
+                               bias=None if self.bias is None else self.bias.to(x.dtype), out_dtype=x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def check_supported(device: torch.device) -> None:
+    """fp8 GEMMs need compute capability 8.9 (Ada) or 9.0 (Hopper) on NVIDIA GPUs."""
+    if device.type != "cuda":
+        return
+    cc = torch.cuda.get_device_capability(device)
+    if cc < (8, 9):
+        raise ZImageError("fp8 matmuls need an Ada or Hopper GPU", where="loader input 'matmul'",
+                          expected="compute capability 8.9 or newer (RTX 40xx, L4, L40, H100, H200, RTX 50xx)",
+                          found=f"{torch.cuda.get_device_name(device)} (compute capability {cc[0]}.{cc[1]})",
+                          fix="set matmul to bf16 (streamed_weights fp8 still halves the bytes streamed on this "
+                              "GPU).")
+
+
+def linear_names(block: nn.Module) -> list[str]:
+    """The block's linear layers: the ones fp8 matmuls replace (every 2-D weight of a block)."""
+    return [n for n, m in block.named_modules() if isinstance(m, (nn.Linear, Fp8Linear))]
+
+
+def to_fp8_linears(block: nn.Module, weights: dict[str, torch.Tensor] | None) -> None:
+    """Replace `block`'s linear layers by Fp8Linear, in place. `weights` maps each linear's name to
+    its bf16 weight to quantise (on the block's device, one layer at a time, so the peak is one
+    layer's bf16 copy); None leaves empty fp8 placeholders for a streamer to bind."""
+    for name in linear_names(block):
+        lin = block.get_submodule(name)
+        if isinstance(lin, Fp8Linear):
+            continue
+        device = lin.bias.device if lin.bias is not None else lin.weight.device
+        if weights is None:
+            q = torch.empty(0, dtype=FP8, device=device)
+            s = torch.empty(0, dtype=torch.float32, device=device)
+        else:
+            q, s = fp8_quantize(weights[name].to(device))
+        new = Fp8Linear(lin.in_features, lin.out_features, lin.bias, q, s)
+        owner, _, leaf = name.rpartition(".")
+        setattr(block.get_submodule(owner) if owner else block, leaf, new)

@@ -1,0 +1,97 @@
+"""Compiled blocks and fp8 matmuls on real tiny models (CPU: inductor and torch._scaled_mm run
+here too), alone and combined with the streaming engine."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_streaming import use_plan
+
+
+def psnr(a, b):
+    mse = torch.mean((a.float() - b.float()) ** 2).item()
+    return 10 * math.log10(float((b.float().max() - b.float().min()) ** 2) / mse) if mse > 0 else float("inf")
+
+
+def load(tiny, **kw):
+    from zimage_nodes.loaders.pipeline_loading import load_parts
+
+    return load_parts(tiny["diffusers"], device="cpu", dtype=torch.float32, **kw)
+
+
+def run(parts, latent=(6, 4), seed=3, **kw):
+    from zimage_nodes.loaders.generation import denoise
+
+    pos = parts.text_encoder.encode("a red fox")
+    return denoise(parts, pos, None, torch.zeros(1, 16, *latent), seed=seed, steps=3, **kw)
+
+
+def test_fp8_linear_is_close_to_the_bf16_linear_and_handles_few_rows(pack):
+    from zimage_nodes.loaders.fp8_matmul import Fp8Linear, fp8_quantize
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 96, bias=True)
+    q, s = fp8_quantize(lin.weight.detach())
+    f = Fp8Linear(64, 96, lin.bias.detach(), q, s)
+    for rows in (32, 3):  # 32 rows: torch._scaled_mm; 3 rows: dequantised bf16 path
+        x = torch.randn(1, rows, 64)
+        ref, out = lin(x), f(x)
+        assert out.shape == ref.shape and out.dtype == ref.dtype
+        assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.998
+
+
+def test_fp8_matmul_run_is_close_to_bf16_and_streams_the_same_bits(tiny, pack):
+    from zimage_nodes.loaders.fp8_matmul import Fp8Linear
+
+    reference, _ = run(load(tiny))
+    parts = load(tiny, matmul="fp8")
+    resident, _ = run(parts)
+    linears = [m for m in parts.transformer._replica.modules() if isinstance(m, Fp8Linear)]
+    # attention q/k/v/out, the SwiGLU's three, and adaLN where the block has it
+    assert len(linears) == 4 * 7 + 3 and all(m.weight.dtype == torch.float8_e4m3fn for m in linears)
+    assert psnr(resident, reference) > 25
+    use_plan(parts, ["pinned", "gpu", "mapped", "pinned"])
+    streamed, _ = run(parts)
+    assert torch.equal(streamed, resident)  # same quantisation, same kernels: bit for bit
+
+
+def test_fp8_matmul_needs_ada_or_hopper(pack, monkeypatch):
+    from zimage_nodes.loaders.errors import ZImageError
+    from zimage_nodes.loaders.fp8_matmul import check_supported
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 3090")
+    with pytest.raises(ZImageError) as e:
+        check_supported(torch.device("cuda"))
+    assert "RTX 3090" in str(e.value) and "8.6" in str(e.value) and "matmul to bf16" in str(e.value)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    check_supported(torch.device("cuda"))
+
+
+def test_compiled_blocks_equal_eager_with_streaming_and_do_not_recompile_for_a_new_resolution(tiny, pack):
+    parts = load(tiny)
+    use_plan(parts, ["pinned", "gpu", "mapped", "pinned"])
+    eager, report = run(parts)
+    assert not report.compiled and "compiled" not in report.summary()
+    # aot_eager traces the blocks through dynamo and AOTAutograd like inductor does, without codegen:
+    # the same math, so the same bits
+    compiled, report = run(parts, compile_blocks=True, compile_backend="aot_eager")
+    assert torch.equal(compiled, eager)
+    assert report.compile_graphs >= 1 and "compiled blocks (compiled" in report.summary()
+    again, report = run(parts, seed=4, compile_blocks=True, compile_backend="aot_eager")
+    assert report.compile_graphs == 0 and "reused" in report.summary()
+    _, report = run(parts, latent=(16, 24), compile_blocks=True, compile_backend="aot_eager")
+    assert report.compile_graphs == 0  # token counts are dynamic after the first run's refiners and layers
+    after, _ = run(parts)  # compiling was for those runs only
+    assert torch.equal(after, eager)
+    assert all("forward" not in b.__dict__ for b in parts.transformer._replica.modules())
+
+
+def test_inductor_compiled_blocks_with_fp8_matmuls_and_streaming(tiny, pack):
+    parts = load(tiny, matmul="fp8")
+    use_plan(parts, ["pinned", "gpu", "gpu", "pinned"])
+    eager, _ = run(parts)
+    compiled, report = run(parts, compile_blocks=True)
+    assert report.compiled and report.first_step_s > 0
+    assert psnr(compiled, eager) > 40

@@ -16,8 +16,10 @@ class Copy(str, Enum):
 
 
 def device_copy(module: nn.Module, device: torch.device, dtype: torch.dtype | None = None,
-                how: Callable[[str], Copy] = lambda name: Copy.DEVICE) -> nn.Module:
-    """A copy of `module` whose tensors are placed as `how(name)` says.
+                how: Callable[[str], Copy] = lambda name: Copy.DEVICE,
+                device_of: Callable[[str], torch.device] | None = None) -> nn.Module:
+    """A copy of `module` whose tensors are placed as `how(name)` says, on `device` or, with several
+    GPUs, on `device_of(name)`.
 
     If copying fails half-way (out of memory), what was already copied is freed before the
     error goes on, so nothing is left behind on the GPU.
@@ -30,16 +32,17 @@ def device_copy(module: nn.Module, device: torch.device, dtype: torch.dtype | No
                 continue
             target = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
             mode = how(name)
+            where = device_of(name) if device_of is not None else device
             if mode == Copy.HOST:
                 moved = t
             elif mode == Copy.PLACEHOLDER:
-                moved = torch.empty(0, dtype=target, device=device)
+                moved = torch.empty(0, dtype=target, device=where)
             else:
-                moved = t.detach().to(device=device, dtype=target, copy=True)
+                moved = t.detach().to(device=where, dtype=target, copy=True)
             memo[id(t)] = nn.Parameter(moved, requires_grad=False) if isinstance(t, nn.Parameter) else moved
         return copy.deepcopy(module, memo)
     except BaseException:
         memo.clear()
         if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # every GPU's cache: memo held tensors on any of them
         raise

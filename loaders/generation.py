@@ -116,7 +116,8 @@ def decode(vae: VAEHandle, latent: torch.Tensor, tiled: bool | None = None) -> t
     if tiled is None:
         tiled = vae.runtime.plan.decode_tiled(h * 8, w * 8, b)
     with vae.on_device() as m, _tiling(m, tiled):
-        z = latent.to(vae.runtime.device, next(m.parameters()).dtype)
+        w = next(m.parameters())
+        z = latent.to(w.device, w.dtype)
         img = m.decode(z, return_dict=False)[0]
         img = (img.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
     return img

@@ -9,7 +9,7 @@ import torch
 from . import component_loading
 from .errors import ZImageError
 from .fp8_matmul import check_supported
-from .placement import GiB, Matmul, ModelSizes, Storage, plan_memory
+from .placement import GiB, Matmul, ModelSizes, Storage, plan_devices, plan_memory
 from .runtime import Runtime, TextEncoderHandle, TransformerHandle, VAEHandle, ZImagePipelineParts
 from .tokenizer import load_tokenizer, tokenizer_folder
 
@@ -21,17 +21,23 @@ def default_device() -> torch.device:
 def load_parts(model: str, text_encoder: str | None = None, vae: str | None = None, vram_budget_gb: float = 0.0,
                device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                comfy_tokenizer: str | None = None, ram_budget_gb: float = 0.0,
-               storage: Storage | str = Storage.BF16, matmul: Matmul | str = Matmul.BF16) -> ZImagePipelineParts:
+               storage: Storage | str = Storage.BF16, matmul: Matmul | str = Matmul.BF16,
+               devices: list[str] | None = None, vram_budgets_gb: list[float] | None = None) -> ZImagePipelineParts:
     """Open the transformer `model` (a single file or a diffusers folder), the text encoder and the
-    VAE (None = from the diffusers folder `model`), and plan them for `device` and the budget.
+    VAE (None = from the diffusers folder `model`), and plan them for `device` and the budget, or
+    for several GPUs (`devices`, each with its budget in `vram_budgets_gb`; 0 = automatic).
 
     Weights stay memory-mapped on the CPU here; GPU copies are made when a step first needs them.
     """
+    if devices and len(devices) > 1:
+        device = devices[0]
+        vram_budgets_gb = list(vram_budgets_gb or [vram_budget_gb] * len(devices))
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or torch.bfloat16
     matmul = Matmul(matmul)
     if matmul == Matmul.FP8:
-        check_supported(device)
+        for d in devices or [device]:
+            check_supported(torch.device(d))
     # fp16 VAE decodes overflow to NaN (black images); bf16 is as fast on GPUs, fp32 on CPUs.
     vae_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     for role, path in (("text encoder", text_encoder), ("VAE", vae)):
@@ -54,7 +60,10 @@ def load_parts(model: str, text_encoder: str | None = None, vae: str | None = No
         tok = load_tokenizer(comfy_tokenizer or tokenizer_folder(model if os.path.isdir(model) else text_encoder))
         sizes = ModelSizes.of(t.module, te.module, v.module, dtype, vae_dtype)
         # Shown by the loader; the sampler re-plans for its own resolution and batch.
-        plan = plan_memory(sizes, device, vram_budget_gb, ram_budget_gb, storage=storage, matmul=matmul)
+        if devices and len(devices) > 1:
+            plan = plan_devices(sizes, list(devices), vram_budgets_gb, ram_budget_gb, storage=storage, matmul=matmul)
+        else:
+            plan = plan_memory(sizes, device, vram_budget_gb, ram_budget_gb, storage=storage, matmul=matmul)
     except BaseException:
         # The traceback keeps this frame alive (ComfyUI shows it); drop what was loaded so the
         # failed load holds no weights or file mappings.
@@ -64,5 +73,6 @@ def load_parts(model: str, text_encoder: str | None = None, vae: str | None = No
     # pack itself then holds, and each re-plan would shrink.
     rt = Runtime(device, dtype, vae_dtype, sizes, plan.budget_bytes / GiB if device.type == "cuda" else vram_budget_gb,
                  plan.host_budget_bytes / GiB if device.type == "cuda" else ram_budget_gb, Storage(storage), plan,
-                 matmul=matmul)
+                 matmul=matmul, devices=tuple(plan.devices) if plan.device_plans else (),
+                 vram_budgets_gb=tuple(p.budget_bytes / GiB for p in plan.device_plans))
     return ZImagePipelineParts(TransformerHandle(t, rt), TextEncoderHandle(te, rt, tok), VAEHandle(v, rt), rt)

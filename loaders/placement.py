@@ -147,6 +147,27 @@ class MemoryPlan:
     sizes: ModelSizes
     phases: dict[str, int] = field(default_factory=dict)
     matmul: Matmul = Matmul.BF16
+    # Several GPUs (plan_devices): each device's own plan, blocks in call order; the text encoder
+    # and the VAE run on the last device. Empty for one device.
+    device_plans: tuple[MemoryPlan, ...] = ()
+
+    @property
+    def devices(self) -> list[str]:
+        return [p.device for p in self.device_plans] or [self.device]
+
+    def block_device(self) -> dict[str, str]:
+        """Where each transformer block runs."""
+        if not self.device_plans:
+            return {n: self.device for n, _ in self.blocks}
+        return {n: p.device for p in self.device_plans for n, _ in p.blocks}
+
+    @property
+    def text_encoder_device(self) -> str:
+        return self.devices[-1]
+
+    @property
+    def vae_device(self) -> str:
+        return self.devices[-1]
 
     def _block_bytes(self, i: int, where: Where) -> int:
         """Bytes block i takes where it lives (on the GPU, or copied per step when streamed)."""
@@ -180,11 +201,16 @@ class MemoryPlan:
 
     @property
     def peak_bytes(self) -> int:
+        """The highest phase on any one device."""
+        if self.device_plans:
+            return max(p.peak_bytes for p in self.device_plans)
         return max(self.phases.values()) if self.phases else 0
 
     def decode_tiled(self, height: int, width: int, batch: int) -> bool:
         """Whether a decode of this size must be tiled to stay in the budget (decided up front,
         never by running out of memory first)."""
+        if self.device_plans:
+            return self.device_plans[-1].decode_tiled(height, width, batch)
         if self.device == "cpu":
             return False
         used = CUDA_CONTEXT_BYTES + SLACK_BYTES + self.resident_bytes + self.sizes.vae
@@ -193,6 +219,9 @@ class MemoryPlan:
     def summary(self) -> str:
         if self.device == "cpu":
             return "CPU run: every part stays in system RAM (memory-mapped from its file)"
+        if self.device_plans:
+            return "\n".join(self._device_line(p) for p in self.device_plans) + \
+                f"\npinned host RAM {self.pinned_bytes / GiB:.1f} GB; activations hop between devices, weights never do"
         n_stream = len(self.streamed)
         mapped = sum(1 for _, w in self.blocks if w == Where.MAPPED)
         lines = [
@@ -211,6 +240,18 @@ class MemoryPlan:
             f"decode {self.phases['decode'] / GiB:.1f})",
         ]
         return "\n".join(lines)
+
+
+    def _device_line(self, p: MemoryPlan) -> str:
+        names = [n for n, _ in p.blocks]
+        span = f"{names[0]}..{names[-1]}" if len(names) > 1 else (names[0] if names else "no blocks")
+        extra = [] if p.device != self.devices[0] else ["the transformer's stem"]
+        if p.device == self.text_encoder_device:
+            extra += ["text encoder (streamed)", "VAE" + (" (tiled)" if p.vae_tiled else "")]
+        return (f"{p.device} ({p.budget_bytes / GiB:.1f} GB): blocks {span}: {p.resident_bytes / GiB:.1f} GB "
+                f"resident ({len(p.blocks) - len(p.streamed)}/{len(p.blocks)}), "
+                f"{p.streamed_bytes_per_step / GiB:.1f} GB streamed per step"
+                + (f"; {', '.join(extra)}" if extra else "") + f"; peak {p.peak_bytes / GiB:.1f} GB")
 
 
 def _spread(n_total: int, n_resident: int) -> list[bool]:
@@ -248,9 +289,10 @@ def available_host_bytes() -> int:
 def plan_memory(sizes: ModelSizes, device: torch.device | str, budget_gb: float = 0.0, host_budget_gb: float = 0.0,
                 height: int = 1024, width: int = 1024, batch: int = 1, storage: Storage | str = Storage.BF16,
                 free_bytes: int | None = None, free_host_bytes: int | None = None,
-                matmul: Matmul | str = Matmul.BF16) -> MemoryPlan:
+                matmul: Matmul | str = Matmul.BF16, encodes: bool = True, decodes: bool = True) -> MemoryPlan:
     """The plan for one device. `budget_gb` 0 = free VRAM minus a margin; `host_budget_gb` 0 = 3/4 of
-    the RAM available now. `free_bytes`/`free_host_bytes` override what is asked of the machine."""
+    the RAM available now. `free_bytes`/`free_host_bytes` override what is asked of the machine.
+    `encodes`/`decodes`: whether the text encoder / the VAE run on this device (several GPUs)."""
     device = torch.device(device)
     storage, matmul = Storage(storage), Matmul(matmul)
     n = len(sizes.transformer_blocks)
@@ -311,9 +353,9 @@ def plan_memory(sizes: ModelSizes, device: torch.device | str, budget_gb: float 
 
     def phases(where: list[Where], tiled: bool) -> dict[str, int]:
         res = sizes.transformer_stem + sum(stage(i, w) for i, w in enumerate(where) if w == Where.GPU)
-        return {"encode": base + res + te_stream,
+        return {"encode": base + res + (te_stream if encodes else 0),
                 "denoise": base + res + buffers(where) + work,
-                "decode": base + res + sizes.vae + decode_work_bytes(height, width, batch, tiled)}
+                "decode": base + res + (sizes.vae + decode_work_bytes(height, width, batch, tiled) if decodes else 0)}
 
     chosen = None
     for k in range(n, -1, -1):  # most resident blocks first
@@ -340,6 +382,98 @@ def plan_memory(sizes: ModelSizes, device: torch.device | str, budget_gb: float 
                 "other GPU programs.")
     where, pinned, tiled, ph = chosen
     placed = tuple((name, w) for (name, _), w in zip(sizes.transformer_blocks, where))
-    te_host = Where.PINNED if pinned + sum(sizes.text_encoder_blocks) <= host_budget else Where.MAPPED
+    te_host = Where.PINNED if not encodes or pinned + sum(sizes.text_encoder_blocks) <= host_budget else Where.MAPPED
     return MemoryPlan(str(device), budget, host_budget, height, width, batch, storage, placed, "streamed",
                       te_host, tiled, sizes, ph, matmul)
+
+
+def plan_devices(sizes: ModelSizes, devices: list[str], budgets_gb: list[float], host_budget_gb: float = 0.0,
+                 height: int = 1024, width: int = 1024, batch: int = 1, storage: Storage | str = Storage.BF16,
+                 matmul: Matmul | str = Matmul.BF16, free_bytes: dict[str, int] | None = None,
+                 free_host_bytes: int | None = None) -> MemoryPlan:
+    """The plan over several GPUs: the transformer's blocks split in call order into one contiguous
+    run per device, sized by what each device can hold, each device streaming what it cannot
+    (every GPU has its own PCIe link, so streaming spread over several copies in parallel).
+    The stem runs on the first device (so do the refiners: the caption and image streams they
+    make are joined there), the text encoder and the VAE on the last. Activations hop between
+    devices at the block boundaries; weights never move."""
+    if len(devices) == 1:
+        return plan_memory(sizes, devices[0], budgets_gb[0], host_budget_gb, height, width, batch, storage,
+                           (free_bytes or {}).get(devices[0]), free_host_bytes, matmul)
+    if len(set(devices)) != len(devices) or any(torch.device(d).type != "cuda" for d in devices):
+        raise ZImageError("several devices must be distinct GPUs", where="loader input 'devices'",
+                          found=", ".join(devices), fix="list each GPU once, e.g. 'cuda:0, cuda:1'.")
+    storage, matmul = Storage(storage), Matmul(matmul)
+    if host_budget_gb <= 0:
+        host_budget_gb = (free_host_bytes if free_host_bytes is not None else available_host_bytes()) * 3 / 4 / GiB
+    names = [n for n, _ in sizes.transformer_blocks]
+    probe = MemoryPlan("cuda", 0, 0, height, width, batch, storage, (), "", Where.CPU, False, sizes, {}, matmul)
+    block = [probe._block_bytes(i, Where.GPU) for i in range(len(names))]
+    te_stream = sizes.text_encoder_stem + N_BUFFERS * max(sizes.text_encoder_blocks) + ENCODE_WORK_BYTES
+    fixed = CUDA_CONTEXT_BYTES + SLACK_BYTES + denoise_work_bytes(height, width, batch) + N_BUFFERS * max(block)
+    room = []
+    for i, (d, b) in enumerate(zip(devices, budgets_gb)):
+        budget = int(b * GiB) if b > 0 else ((free_bytes or {}).get(d) if free_bytes and d in free_bytes
+                                             else torch.cuda.mem_get_info(torch.device(d))[0]) \
+            - AUTO_MARGIN_BYTES + CUDA_CONTEXT_BYTES
+        own = fixed + (sizes.transformer_stem if i == 0 else 0) + (
+            max(te_stream, sizes.vae + decode_work_bytes(height, width, batch, True)) if i == len(devices) - 1 else 0)
+        room.append((budget, max(0, budget - own)))
+    # Contiguous runs of blocks, first sized in proportion to each device's room (the refiners stay on
+    # the first device), then boundaries moved one block at a time while that streams less: the most
+    # any one device streams per step first (the devices copy in parallel), then the total.
+    total_room = sum(r for _, r in room) or len(room)
+    refiners = sum(1 for n in names if not n.startswith("layers."))
+    cuts, acc, i, run_bytes = [], 0.0, 0, 0
+    for _, r in room[:-1]:
+        acc += (r or 1) / total_room * sum(block)
+        while i < len(names) and (i < refiners or run_bytes + block[i] / 2 <= acc):
+            run_bytes += block[i]
+            i += 1
+        cuts.append(i)
+
+    def split(cuts: list[int]) -> list[MemoryPlan] | None:
+        bounds = [0] + cuts + [len(names)]
+        if any(lo >= hi for lo, hi in zip(bounds, bounds[1:])) or bounds[1] < refiners:
+            return None
+        plans, host_left = [], host_budget_gb
+        for k, d in enumerate(devices):
+            lo, hi = bounds[k], bounds[k + 1]
+            sub = ModelSizes(sizes.transformer_stem if k == 0 else 0, sizes.transformer_blocks[lo:hi],
+                             sizes.text_encoder_embedding, sizes.text_encoder_stem, sizes.text_encoder_blocks,
+                             sizes.vae, sizes.transformer_blocks_fp8[lo:hi] if sizes.transformer_blocks_fp8 else ())
+            last = k == len(devices) - 1
+            try:
+                p = plan_memory(sub, d, room[k][0] / GiB, max(host_left, 1e-9), height, width, batch, storage,
+                                matmul=matmul, encodes=last, decodes=last)
+            except ZImageError:
+                return None
+            host_left -= p.pinned_bytes / GiB
+            plans.append(p)
+        return plans
+
+    def cost(plans: list[MemoryPlan] | None) -> tuple:
+        if plans is None:
+            return (float("inf"),)
+        streamed = [p.streamed_bytes_per_step for p in plans]
+        return max(streamed), sum(streamed), max(p.peak_bytes for p in plans)
+
+    best = split(cuts)
+    for _ in range(4 * len(names)):
+        moves = [cuts[:k] + [cuts[k] + step] + cuts[k + 1:] for k in range(len(cuts)) for step in (-1, 1)]
+        candidate = min(moves, key=lambda c: cost(split(c)))
+        if cost(split(candidate)) >= cost(best):
+            break
+        cuts, best = candidate, split(candidate)
+    if best is None:
+        need = [f"{d}: {b} GB" for d, b in zip(devices, budgets_gb)]
+        raise ZImageError("the VRAM budgets are too small to split Z-Image over these GPUs",
+                          where="loader input 'devices'", found=", ".join(need),
+                          expected="room on each GPU for its CUDA context, 3 block buffers and the working memory, "
+                                   "plus the stem on the first and the text encoder and VAE on the last",
+                          fix="raise the budgets, use fewer GPUs, or one GPU with streaming.")
+    plans = best
+    first = plans[0]
+    return MemoryPlan(first.device, first.budget_bytes, int(host_budget_gb * GiB), height, width, batch, storage,
+                      tuple(b for p in plans for b in p.blocks), "streamed", plans[-1].text_encoder_host,
+                      plans[-1].vae_tiled, sizes, first.phases, matmul, tuple(plans))

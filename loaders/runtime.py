@@ -18,15 +18,16 @@ from torch import nn
 
 from .component_loading import LoadedComponent
 from .device_copy import Copy, device_copy
+from .device_hops import DeviceHops
 from .fp8_matmul import linear_names, to_fp8_linears
 from .host_cache import HOST_CACHE, source_key
-from .placement import Matmul, MemoryPlan, ModelSizes, Storage, Where, plan_memory
+from .placement import Matmul, MemoryPlan, ModelSizes, Storage, Where, plan_devices, plan_memory
 from .streaming import BlockStreamer, HostBlock
 
 
 @dataclass
 class Runtime:
-    device: torch.device
+    device: torch.device  # the first (or only) GPU: the transformer's stem, the sampler's tensors
     dtype: torch.dtype  # compute dtype of transformer and text encoder
     vae_dtype: torch.dtype
     sizes: ModelSizes
@@ -36,11 +37,18 @@ class Runtime:
     plan: MemoryPlan  # the plan of the last (or the loader's default) shape
     fixed_plan: bool = False  # tests and benchmarks may pin a hand-made plan
     matmul: Matmul = Matmul.BF16
+    # Several GPUs: each device and its budget (GB); empty for one device (`device`, `vram_budget_gb`).
+    devices: tuple[str, ...] = ()
+    vram_budgets_gb: tuple[float, ...] = ()
 
     def plan_for(self, height: int, width: int, batch: int) -> MemoryPlan:
         if not self.fixed_plan and (self.plan.height, self.plan.width, self.plan.batch) != (height, width, batch):
-            self.plan = plan_memory(self.sizes, self.device, self.vram_budget_gb, self.ram_budget_gb, height, width,
-                                    batch, self.storage, matmul=self.matmul)
+            if len(self.devices) > 1:
+                self.plan = plan_devices(self.sizes, list(self.devices), list(self.vram_budgets_gb),
+                                         self.ram_budget_gb, height, width, batch, self.storage, self.matmul)
+            else:
+                self.plan = plan_memory(self.sizes, self.device, self.vram_budget_gb, self.ram_budget_gb, height,
+                                        width, batch, self.storage, matmul=self.matmul)
         return self.plan
 
 
@@ -84,6 +92,8 @@ class TransformerHandle:
         self._layout: tuple | None = None  # (blocks placement, storage, matmul) the replica was built for
         self._host: dict[str, HostBlock] = {}
         self.last_streamer: BlockStreamer | None = None  # kept for reports (bytes copied)
+        self.streamers: list[BlockStreamer] = []  # one per GPU that streams
+        self.last_hops: DeviceHops | None = None
 
     @contextmanager
     def on_device(self, plan: MemoryPlan) -> Iterator[nn.Module]:
@@ -93,7 +103,8 @@ class TransformerHandle:
             yield module
             return
         where = dict(plan.blocks)
-        layout = (plan.blocks, plan.storage, plan.matmul)
+        block_device = plan.block_device()
+        layout = (plan.blocks, plan.storage, plan.matmul, tuple(block_device.values()))
         if self._layout != layout:
             self._replica, self._layout = None, None
             free_device_cache(self.runtime.device)
@@ -108,7 +119,10 @@ class TransformerHandle:
                     return Copy.DEVICE
                 # fp8 weights of resident blocks are quantised one layer at a time, below
                 return Copy.DEVICE if b in resident and name not in quantised else Copy.PLACEHOLDER
-            self._replica = device_copy(module, self.runtime.device, self.runtime.dtype, how)
+            def device_of(name: str) -> torch.device:
+                b = _block_of(name, names)
+                return torch.device(block_device[b]) if b is not None else self.runtime.device
+            self._replica = device_copy(module, self.runtime.device, self.runtime.dtype, how, device_of)
             if fp8:
                 for b in names:
                     block = module.get_submodule(b)
@@ -119,16 +133,23 @@ class TransformerHandle:
                                         self.runtime.dtype, plan.host_budget_bytes)
                           for n, w in plan.blocks if w in (Where.PINNED, Where.MAPPED)}
             self._layout = layout
-        streamer = None
-        if self._host:
-            blocks = [(self._replica.get_submodule(n), self._host[n]) for n in where if n in self._host]
-            streamer = BlockStreamer(blocks, self.runtime.device).attach()
-        self.last_streamer = streamer
+        streamers, hops = [], None
         try:
+            for sub in plan.device_plans or (plan,):  # each GPU streams its own blocks over its own link
+                blocks = [(self._replica.get_submodule(n), self._host[n]) for n, _ in sub.blocks if n in self._host]
+                if blocks:
+                    streamers.append(BlockStreamer(blocks, torch.device(block_device[blocks[0][1].name])).attach())
+            if len(plan.devices) > 1:
+                final = {f"all_final_layer.{k}": self.runtime.device for k in self._replica.all_final_layer.keys()}
+                hops = DeviceHops(self._replica, {**block_device, **final})
+            self.last_streamer = streamers[0] if streamers else None
+            self.streamers, self.last_hops = streamers, hops
             yield self._replica
         finally:
-            if streamer is not None:
-                streamer.close()
+            for st in streamers:
+                st.close()
+            if hops is not None:
+                hops.remove()
 
     def release(self) -> None:
         """Free the GPU copy (ComfyUI's 'free memory' and failures); pinned host copies stay in the
@@ -176,7 +197,7 @@ class TextEncoderHandle:
     def _encode_streamed(self, prompt: str, plan: MemoryPlan) -> torch.Tensor:
         from .text_encoding import encode_prompt
 
-        module, device = self.component.module, self.runtime.device
+        module, device = self.component.module, torch.device(plan.text_encoder_device)
         names = [f"layers.{i}" for i in range(len(module.layers))]
         where = plan.text_encoder_host
         if not self._host or next(iter(self._host.values())).pinned != (where == Where.PINNED):
@@ -211,12 +232,13 @@ class VAEHandle:
         if self.runtime.device.type == "cpu":
             yield self.component.module
             return
-        vae = device_copy(self.component.module, self.runtime.device, self.runtime.vae_dtype)
+        device = torch.device(self.runtime.plan.vae_device)
+        vae = device_copy(self.component.module, device, self.runtime.vae_dtype)
         try:
             yield vae
         finally:
             del vae
-            free_device_cache(self.runtime.device)
+            free_device_cache(device)
 
     def release(self) -> None:
         free_device_cache(self.runtime.device, collect=True)

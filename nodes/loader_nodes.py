@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import torch
+
+from ..loaders.errors import ZImageError
 from ..loaders.pipeline_loading import load_parts
 from ..loaders.placement import Matmul, Storage
 from . import comfy_bridge as bridge
@@ -47,13 +50,42 @@ class ZImageShardedLoader:
                 "tooltip": "bf16: exact. fp8 (Ada and Hopper GPUs: RTX 40xx/50xx, L4, L40, H100): the blocks' "
                            "linear layers keep fp8 weights and multiply in fp8. Half the weight memory and "
                            "bytes streamed, a small quality cost; fastest with the sampler's compile on."}),
+            "devices": ("STRING", {
+                "default": "",
+                "tooltip": "Several GPUs: e.g. 'cuda:0, cuda:1' (each gets vram_budget_gb) or 'cuda:0=12, cuda:1=8' "
+                           "(GB each). The transformer's blocks are split over them, the text encoder and VAE run "
+                           "on the last. Empty: ComfyUI's GPU."}),
         }}
 
-    def load(self, model, text_encoder, vae, vram_budget_gb, ram_budget_gb, streamed_weights, matmul="bf16"):
+    def load(self, model, text_encoder, vae, vram_budget_gb, ram_budget_gb, streamed_weights, matmul="bf16",
+             devices=""):
+        devs, budgets = parse_devices(devices, vram_budget_gb)
         parts = load_parts(bridge.resolve("diffusion_models", model, "model"),
                            bridge.resolve("text_encoders", text_encoder, "text_encoder"),
                            bridge.resolve("vae", vae, "vae"), vram_budget_gb,
+                           device=devs[0] if len(devs) == 1 else None,
                            comfy_tokenizer=bridge.comfy_tokenizer_folder(), ram_budget_gb=ram_budget_gb,
-                           storage=streamed_weights, matmul=matmul)
+                           storage=streamed_weights, matmul=matmul, devices=devs, vram_budgets_gb=budgets)
         plan = parts.runtime.plan.summary()
         return {"ui": {"zimage_plan": [plan]}, "result": (parts, parts.text_encoder, parts.vae)}
+
+
+def parse_devices(text: str, default_budget_gb: float) -> tuple[list[str], list[float]]:
+    """'cuda:0=12, cuda:1' -> (['cuda:0', 'cuda:1'], [12.0, default]); '' -> ([], [])."""
+    devices, budgets = [], []
+    for item in filter(None, (part.strip() for part in text.replace(";", ",").split(","))):
+        name, _, budget = item.partition("=")
+        name = name.strip()
+        if name.isdigit():
+            name = f"cuda:{name}"
+        try:
+            torch.device(name)
+            gb = float(budget) if budget.strip() else default_budget_gb
+        except (RuntimeError, ValueError):
+            raise ZImageError("the device list cannot be read", where="loader input 'devices'", found=repr(text),
+                              expected="GPUs separated by commas, each optionally with its budget in GB",
+                              fix="write e.g. 'cuda:0, cuda:1' or 'cuda:0=12, cuda:1=8', or leave it empty for "
+                                  "one GPU.") from None
+        devices.append(name)
+        budgets.append(gb)
+    return devices, budgets

@@ -4,6 +4,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from pack_testing import ROOT
 
 COMFY_WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
@@ -73,3 +75,14 @@ def test_comfyui_tokenizer_is_found_in_its_namespace_package(pack, tmp_path, mon
     fake.__file__ = None
     monkeypatch.setitem(__import__("sys").modules, "comfy", fake)
     assert comfy_bridge.comfy_tokenizer_folder() == str(tok)
+
+
+def test_loader_device_list_reads_names_and_budgets(pack):
+    from zimage_nodes.loaders.errors import ZImageError
+    from zimage_nodes.nodes.loader_nodes import parse_devices
+
+    assert parse_devices("", 8) == ([], [])
+    assert parse_devices("cuda:0, cuda:1", 8) == (["cuda:0", "cuda:1"], [8, 8])
+    assert parse_devices("0=12; 1=6.5", 0) == (["cuda:0", "cuda:1"], [12.0, 6.5])
+    with pytest.raises(ZImageError, match="cuda:0=12, cuda:1=8"):
+        parse_devices("gpu zero=lots", 8)

@@ -124,3 +124,50 @@ def test_fp8_matmuls_halve_resident_and_streamed_bytes(sizes):
     b8, f8 = plan(sizes, 8), plan(sizes, 8, matmul="fp8")
     assert len(f8.blocks) - len(f8.streamed) >= 1.8 * (len(b8.blocks) - len(b8.streamed))
     assert f8.peak_bytes <= 8 * GiB and "fp8 matmuls" in f8.summary()
+
+
+def devices_plan(sizes, budgets, **kw):
+    from zimage_nodes.loaders.placement import plan_devices
+
+    devs = [f"cuda:{i}" for i in range(len(budgets))]
+    return plan_devices(sizes, devs, budgets, 64, free_bytes={d: 79 * GiB for d in devs}, **kw)
+
+
+def test_two_gpus_of_12gb_split_the_transformer_without_streaming(sizes):
+    p = devices_plan(sizes, [12, 12])
+    assert [d.device for d in p.device_plans] == ["cuda:0", "cuda:1"]
+    assert p.streamed_bytes_per_step == 0 and all(w.value == "gpu" for _, w in p.blocks)
+    where = p.block_device()
+    names = [n for n, _ in sizes.transformer_blocks]
+    # one contiguous run per device, in call order; the refiners (and the stem) on the first
+    assert [where[n] for n in names] == sorted(where[n] for n in names)
+    assert all(where[n] == "cuda:0" for n in names if "refiner" in n)
+    assert p.text_encoder_device == p.vae_device == "cuda:1"
+    assert all(d.peak_bytes <= 12 * GiB for d in p.device_plans)
+    assert p.device_plans[0].resident_bytes + p.device_plans[1].resident_bytes == p.resident_bytes
+    assert "cuda:0 (12.0 GB): blocks noise_refiner.0..layers." in p.summary() and "text encoder" in p.summary()
+
+
+def test_two_gpus_of_8gb_stream_less_than_one(sizes):
+    one, two = plan(sizes, 8), devices_plan(sizes, [8, 8])
+    assert all(d.peak_bytes <= 8 * GiB for d in two.device_plans)
+    assert two.streamed_bytes_per_step < one.streamed_bytes_per_step / 4
+
+
+def test_any_number_of_gpus_and_unequal_budgets(sizes):
+    p = devices_plan(sizes, [6, 6, 6])
+    assert len(p.device_plans) == 3 and all(d.peak_bytes <= 6 * GiB for d in p.device_plans)
+    assert sum(len(d.blocks) for d in p.device_plans) == 34
+    big_small = devices_plan(sizes, [16, 4])
+    assert len(big_small.device_plans[0].blocks) > 3 * len(big_small.device_plans[1].blocks)
+
+
+def test_bad_device_lists_are_errors_that_say_what_to_do(sizes):
+    from zimage_nodes.loaders.errors import ZImageError
+    from zimage_nodes.loaders.placement import plan_devices
+
+    with pytest.raises(ZImageError, match="distinct GPUs"):
+        plan_devices(sizes, ["cuda:0", "cuda:0"], [8, 8], 64, free_bytes={"cuda:0": 79 * GiB})
+    with pytest.raises(ZImageError) as e:
+        devices_plan(sizes, [2, 2])
+    assert "too small to split" in str(e.value) and "raise the budgets" in str(e.value)

@@ -158,3 +158,25 @@ def test_streamed_text_encoder_gives_the_same_features(parts):
         use_plan(parts, ["gpu"] * 4, text_encoder="streamed", te_host=host)
         parts.text_encoder._cache.clear()
         assert torch.equal(parts.text_encoder.encode("a lighthouse at dusk"), reference)
+
+
+def test_blocks_split_over_two_devices_give_the_same_output_with_one_streamer_each(parts):
+    """Two devices simulated on the CPU ('cpu:0', 'cpu:1': distinct device names, so every block
+    boundary between them goes through the hop hooks)."""
+    from zimage_nodes.loaders.placement import Where
+
+    reference = run(parts)
+    names = use_plan(parts, ["pinned", "gpu", "pinned", "gpu"])
+    rt = parts.runtime
+    p = rt.plan
+    first = dataclasses.replace(p, device="cpu:0", blocks=p.blocks[:2], device_plans=())
+    second = dataclasses.replace(p, device="cpu:1", blocks=p.blocks[2:], device_plans=())
+    rt.plan = dataclasses.replace(p, device_plans=(first, second))
+    assert rt.plan.block_device() == {names[0]: "cpu:0", names[1]: "cpu:0", names[2]: "cpu:1", names[3]: "cpu:1"}
+    split = run(parts)
+    assert torch.equal(split, reference)
+    h = parts.transformer
+    assert [s.device for s in h.streamers] == [torch.device("cpu:0"), torch.device("cpu:1")]
+    assert all(s.copies > 0 for s in h.streamers)
+    assert h.last_hops is not None and h.last_hops.hops > 0 and not h.last_hops._handles  # hooks removed after
+    assert all(w in (Where.GPU, Where.PINNED) for _, w in rt.plan.blocks)

@@ -197,6 +197,8 @@ class MemoryPlan:
         total = sum(self._block_bytes(i, w) for i, (_, w) in enumerate(self.blocks) if w == Where.PINNED)
         if self.text_encoder == "streamed" and self.text_encoder_host == Where.PINNED:
             total += sum(self.sizes.text_encoder_blocks)
+        if self.device != "cpu":
+            total += self.sizes.vae  # its pinned copy for the decodes
         return total
 
     @property

@@ -147,6 +147,17 @@ class HostBlock:
         return out
 
 
+def bind(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Point the module's parameters (through `.data`) and buffers at `tensors`, by name."""
+    for name, t in tensors.items():
+        owner, _, leaf = name.rpartition(".")
+        mod = module.get_submodule(owner) if owner else module
+        if leaf in mod._parameters:
+            mod._parameters[leaf].data = t
+        else:
+            mod._buffers[leaf] = t
+
+
 class BlockStreamer:
     """Streams `blocks` (in the order the model calls them, every forward) through `n_buffers`
     device buffers. `attach()` hooks the blocks, `close()` unhooks them and frees every buffer."""
@@ -229,13 +240,7 @@ class BlockStreamer:
         self._next = pos
 
     def _bind(self, module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        for name, t in tensors.items():
-            owner, _, leaf = name.rpartition(".")
-            mod = module.get_submodule(owner) if owner else module
-            if leaf in mod._parameters:
-                mod._parameters[leaf].data = t
-            else:
-                mod._buffers[leaf] = t
+        bind(module, tensors)
 
     def _unbind(self, module: nn.Module) -> None:
         _, host = self.blocks[self.index[id(module)]]

@@ -40,7 +40,7 @@ def test_sizes_of_the_real_model(sizes):
 def test_everything_resident_when_the_budget_holds_it(sizes):
     p = plan(sizes, 0)
     assert all(w.value == "gpu" for _, w in p.blocks) and p.text_encoder == "streamed" and not p.vae_tiled
-    assert p.streamed_bytes_per_step == 0 and p.pinned_bytes == sum(sizes.text_encoder_blocks)
+    assert p.streamed_bytes_per_step == 0 and p.pinned_bytes == sum(sizes.text_encoder_blocks) + sizes.vae
 
 
 @pytest.mark.parametrize("budget", [4, 6, 8, 12, 16])

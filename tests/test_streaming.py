@@ -163,9 +163,11 @@ def test_streamed_text_encoder_gives_the_same_features(parts):
 def test_blocks_split_over_two_devices_give_the_same_output_with_one_streamer_each(parts):
     """Two devices simulated on the CPU ('cpu:0', 'cpu:1': distinct device names, so every block
     boundary between them goes through the hop hooks)."""
+    from zimage_nodes.loaders.generation import decode
     from zimage_nodes.loaders.placement import Where
 
     reference = run(parts)
+    reference_image = decode(parts.vae, reference)
     names = use_plan(parts, ["pinned", "gpu", "pinned", "gpu"])
     rt = parts.runtime
     p = rt.plan
@@ -180,3 +182,5 @@ def test_blocks_split_over_two_devices_give_the_same_output_with_one_streamer_ea
     assert all(s.copies > 0 for s in h.streamers)
     assert h.last_hops is not None and h.last_hops.hops > 0 and not h.last_hops._handles  # hooks removed after
     assert all(w in (Where.GPU, Where.PINNED) for _, w in rt.plan.blocks)
+    # the VAE decodes on the last device, from its one host copy (the pinned one on a GPU machine)
+    assert torch.equal(decode(parts.vae, split), reference_image)

@@ -76,6 +76,8 @@ def configure(parts, budget_gb: float, matmul: str):
 
 def run_pack(parts, pos, label, attention="sdpa", compile_blocks=False, matmul="bf16", budget_gb=0.0, images=3):
     configure(parts, budget_gb, matmul)
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
     latent = torch.zeros(1, 16, RES // 8, RES // 8)
     kw = dict(steps=STEPS, attention_backend=attention, compile_blocks=compile_blocks)
     sync()

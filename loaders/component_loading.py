@@ -17,6 +17,7 @@ from torch import nn
 
 from . import key_names, model_detection
 from .errors import ZImageError
+from .fused_norms import use_fused_norms
 from .weight_source import WeightSource
 
 Resolver = Callable[[str], tuple[str, Callable[[torch.Tensor], torch.Tensor]]]
@@ -132,6 +133,7 @@ def load_transformer(path: str, dtype: torch.dtype = torch.bfloat16) -> LoadedCo
         with torch.device("meta"):
             module = ZImageTransformer2DModel(**config)
         _fill(module, src, resolve, dtype, fix)
+        use_fused_norms(module)
         return LoadedComponent(_finish(module, "transformer"), config, src.where,
                                "original" if original else "diffusers", _source_dtype(src))
     finally:

@@ -9,7 +9,8 @@ import torch
 from . import component_loading
 from .errors import ZImageError
 from .fp8_matmul import check_supported
-from .placement import GiB, Matmul, ModelSizes, Storage, plan_devices, plan_memory
+from .host_cache import HOST_CACHE
+from .placement import GiB, Matmul, ModelSizes, Storage, available_host_bytes, plan_devices, plan_memory
 from .runtime import Runtime, TextEncoderHandle, TransformerHandle, VAEHandle, ZImagePipelineParts
 from .tokenizer import load_tokenizer, tokenizer_folder
 
@@ -59,11 +60,16 @@ def load_parts(model: str, text_encoder: str | None = None, vae: str | None = No
                               fix="use the text encoder that belongs to this transformer (qwen_3_4b.safetensors).")
         tok = load_tokenizer(comfy_tokenizer or tokenizer_folder(model if os.path.isdir(model) else text_encoder))
         sizes = ModelSizes.of(t.module, te.module, v.module, dtype, vae_dtype)
+        # RAM the process's host cache already holds is RAM an automatic budget may count on: a
+        # reload of these files finds its pinned copies there.
+        free_host = available_host_bytes() + HOST_CACHE.nbytes
         # Shown by the loader; the sampler re-plans for its own resolution and batch.
         if devices and len(devices) > 1:
-            plan = plan_devices(sizes, list(devices), vram_budgets_gb, ram_budget_gb, storage=storage, matmul=matmul)
+            plan = plan_devices(sizes, list(devices), vram_budgets_gb, ram_budget_gb, storage=storage, matmul=matmul,
+                                free_host_bytes=free_host)
         else:
-            plan = plan_memory(sizes, device, vram_budget_gb, ram_budget_gb, storage=storage, matmul=matmul)
+            plan = plan_memory(sizes, device, vram_budget_gb, ram_budget_gb, storage=storage, matmul=matmul,
+                               free_host_bytes=free_host)
     except BaseException:
         # The traceback keeps this frame alive (ComfyUI shows it); drop what was loaded so the
         # failed load holds no weights or file mappings.

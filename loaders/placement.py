@@ -14,6 +14,7 @@ budget, so the plan's peak is what the allocator may reach.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from enum import Enum
@@ -150,6 +151,9 @@ class MemoryPlan:
     # Several GPUs (plan_devices): each device's own plan, blocks in call order; the text encoder
     # and the VAE run on the last device. Empty for one device.
     device_plans: tuple[MemoryPlan, ...] = ()
+    # Resident blocks whose bf16 copy is also kept in pinned RAM (with what the budget leaves after
+    # the streamed blocks): a reload, or a switch back to this model, copies them at PCIe speed.
+    resident_pinned: tuple[str, ...] = ()
 
     @property
     def devices(self) -> list[str]:
@@ -194,7 +198,9 @@ class MemoryPlan:
 
     @property
     def pinned_bytes(self) -> int:
-        total = sum(self._block_bytes(i, w) for i, (_, w) in enumerate(self.blocks) if w == Where.PINNED)
+        cached = set(self.resident_pinned)
+        total = sum(self._block_bytes(i, w) for i, (n, w) in enumerate(self.blocks)
+                    if w == Where.PINNED or n in cached)
         if self.text_encoder == "streamed" and self.text_encoder_host == Where.PINNED:
             total += sum(self.sizes.text_encoder_blocks)
         if self.device != "cpu":
@@ -237,7 +243,9 @@ class MemoryPlan:
             f"text encoder: {self.text_encoder}" + (f" from {self.text_encoder_host.value} RAM"
                                                     if self.text_encoder == "streamed" else "")
             + f"; VAE: copied for decode{', tiled' if self.vae_tiled else ''}",
-            f"pinned host RAM {self.pinned_bytes / GiB:.1f} GB; expected peak {self.peak_bytes / GiB:.1f} GB "
+            f"pinned host RAM {self.pinned_bytes / GiB:.1f} GB"
+            + (f" ({len(self.resident_pinned)} resident blocks kept for fast reloads)" if self.resident_pinned else "")
+            + f"; expected peak {self.peak_bytes / GiB:.1f} GB "
             f"(encode {self.phases['encode'] / GiB:.1f}, denoise {self.phases['denoise'] / GiB:.1f}, "
             f"decode {self.phases['decode'] / GiB:.1f})",
         ]
@@ -291,7 +299,8 @@ def available_host_bytes() -> int:
 def plan_memory(sizes: ModelSizes, device: torch.device | str, budget_gb: float = 0.0, host_budget_gb: float = 0.0,
                 height: int = 1024, width: int = 1024, batch: int = 1, storage: Storage | str = Storage.BF16,
                 free_bytes: int | None = None, free_host_bytes: int | None = None,
-                matmul: Matmul | str = Matmul.BF16, encodes: bool = True, decodes: bool = True) -> MemoryPlan:
+                matmul: Matmul | str = Matmul.BF16, encodes: bool = True, decodes: bool = True,
+                cache_resident: bool = True) -> MemoryPlan:
     """The plan for one device. `budget_gb` 0 = free VRAM minus a margin; `host_budget_gb` 0 = 3/4 of
     the RAM available now. `free_bytes`/`free_host_bytes` override what is asked of the machine.
     `encodes`/`decodes`: whether the text encoder / the VAE run on this device (several GPUs)."""
@@ -385,8 +394,24 @@ def plan_memory(sizes: ModelSizes, device: torch.device | str, budget_gb: float 
     where, pinned, tiled, ph = chosen
     placed = tuple((name, w) for (name, _), w in zip(sizes.transformer_blocks, where))
     te_host = Where.PINNED if not encodes or pinned + sum(sizes.text_encoder_blocks) <= host_budget else Where.MAPPED
-    return MemoryPlan(str(device), budget, host_budget, height, width, batch, storage, placed, "streamed",
+    plan = MemoryPlan(str(device), budget, host_budget, height, width, batch, storage, placed, "streamed",
                       te_host, tiled, sizes, ph, matmul)
+    return with_resident_cache(plan) if cache_resident else plan
+
+
+def with_resident_cache(plan: MemoryPlan) -> MemoryPlan:
+    """`plan` with as many resident blocks cached in pinned RAM as its host budget has room for
+    after everything that must be pinned. fp8 matmul blocks are quantised on the GPU instead."""
+    if plan.matmul == Matmul.FP8 or plan.device == "cpu":
+        return plan
+    spare = plan.host_budget_bytes - plan.pinned_bytes
+    cached = []
+    for i, (name, w) in enumerate(plan.blocks):
+        b = plan._block_bytes(i, w)
+        if w == Where.GPU and b <= spare:
+            cached.append(name)
+            spare -= b
+    return dataclasses.replace(plan, resident_pinned=tuple(cached))
 
 
 def plan_devices(sizes: ModelSizes, devices: list[str], budgets_gb: list[float], host_budget_gb: float = 0.0,
@@ -447,7 +472,7 @@ def plan_devices(sizes: ModelSizes, devices: list[str], budgets_gb: list[float],
             last = k == len(devices) - 1
             try:
                 p = plan_memory(sub, d, room[k][0] / GiB, max(host_left, 1e-9), height, width, batch, storage,
-                                matmul=matmul, encodes=last, decodes=last)
+                                matmul=matmul, encodes=last, decodes=last, cache_resident=False)
             except ZImageError:
                 return None
             host_left -= p.pinned_bytes / GiB
@@ -476,6 +501,7 @@ def plan_devices(sizes: ModelSizes, devices: list[str], budgets_gb: list[float],
                           fix="raise the budgets, use fewer GPUs, or one GPU with streaming.")
     plans = best
     first = plans[0]
-    return MemoryPlan(first.device, first.budget_bytes, int(host_budget_gb * GiB), height, width, batch, storage,
-                      tuple(b for p in plans for b in p.blocks), "streamed", plans[-1].text_encoder_host,
-                      plans[-1].vae_tiled, sizes, first.phases, matmul, tuple(plans))
+    return with_resident_cache(MemoryPlan(
+        first.device, first.budget_bytes, int(host_budget_gb * GiB), height, width, batch, storage,
+        tuple(b for p in plans for b in p.blocks), "streamed", plans[-1].text_encoder_host, plans[-1].vae_tiled, sizes,
+        first.phases, matmul, tuple(plans)))

@@ -22,7 +22,7 @@ from .device_hops import DeviceHops
 from .fp8_matmul import linear_names, to_fp8_linears
 from .host_cache import HOST_CACHE, source_key
 from .placement import Matmul, MemoryPlan, ModelSizes, Storage, Where, plan_devices, plan_memory
-from .streaming import BlockStreamer, HostBlock, bind
+from .streaming import BlockStreamer, HostBlock, Slots
 
 
 @dataclass
@@ -102,36 +102,17 @@ class TransformerHandle:
         if all(w == Where.CPU for _, w in plan.blocks) and not fp8:
             yield module
             return
-        where = dict(plan.blocks)
         block_device = plan.block_device()
         layout = (plan.blocks, plan.storage, plan.matmul, tuple(block_device.values()))
         if self._layout != layout:
             self._replica, self._layout = None, None
             free_device_cache(self.runtime.device)
-            names = list(where)
-            resident = {b for b, w in where.items() if w in (Where.GPU, Where.CPU)}
-            quantised = {f"{b}.{lin}.weight" for b in names for lin in linear_names(module.get_submodule(b))} \
-                if fp8 else set()
-
-            def how(name: str) -> Copy:
-                b = _block_of(name, names)
-                if b is None:
-                    return Copy.DEVICE
-                # fp8 weights of resident blocks are quantised one layer at a time, below
-                return Copy.DEVICE if b in resident and name not in quantised else Copy.PLACEHOLDER
-            def device_of(name: str) -> torch.device:
-                b = _block_of(name, names)
-                return torch.device(block_device[b]) if b is not None else self.runtime.device
-            self._replica = device_copy(module, self.runtime.device, self.runtime.dtype, how, device_of)
-            if fp8:
-                for b in names:
-                    block = module.get_submodule(b)
-                    to_fp8_linears(self._replica.get_submodule(b), {
-                        lin: block.get_submodule(lin).weight for lin in linear_names(block)} if b in resident else None)
-            storage = "fp8_matmul" if fp8 else plan.storage.value
-            self._host = {n: host_block(self.component, "transformer", n, w, storage,
-                                        self.runtime.dtype, plan.host_budget_bytes)
-                          for n, w in plan.blocks if w in (Where.PINNED, Where.MAPPED)}
+            try:
+                self._build(plan, block_device)
+            except BaseException:
+                self._replica, self._host = None, {}  # nothing half-built stays on the GPU
+                free_device_cache(self.runtime.device, collect=True)
+                raise
             self._layout = layout
         streamers, hops = [], None
         try:
@@ -150,6 +131,43 @@ class TransformerHandle:
                 st.close()
             if hops is not None:
                 hops.remove()
+
+    def _build(self, plan: MemoryPlan, block_device: dict[str, str]) -> None:
+        """The GPU copy for `plan`: resident blocks copied (from their pinned copy when the plan keeps
+        one, else from the mapped file), streamed blocks as placeholders with their host copies."""
+        module, where, dtype = self.component.module, dict(plan.blocks), self.runtime.dtype
+        fp8 = plan.matmul == Matmul.FP8
+        names = list(where)
+        resident = {b for b, w in where.items() if w in (Where.GPU, Where.CPU)}
+        cached = set(plan.resident_pinned) & resident
+        quantised = {f"{b}.{lin}.weight" for b in names for lin in linear_names(module.get_submodule(b))} \
+            if fp8 else set()
+
+        def how(name: str) -> Copy:
+            b = _block_of(name, names)
+            if b is None:
+                return Copy.DEVICE
+            # fp8 weights of resident blocks are quantised one layer at a time, below
+            return Copy.DEVICE if b in resident and b not in cached and name not in quantised else Copy.PLACEHOLDER
+
+        def device_of(name: str) -> torch.device:
+            b = _block_of(name, names)
+            return torch.device(block_device[b]) if b is not None else self.runtime.device
+        self._replica = device_copy(module, self.runtime.device, dtype, how, device_of)
+        for b in names:
+            if b in cached:
+                host = host_block(self.component, "transformer", b, Where.PINNED, "bf16", dtype, plan.host_budget_bytes)
+                buf = torch.empty(host.stage_bytes, dtype=torch.uint8, device=block_device[b])
+                host.copy_into(buf, non_blocking=True)
+                views = host.views(buf, None)
+                Slots(self._replica.get_submodule(b), list(views)).bind(views)
+            elif fp8:
+                block = module.get_submodule(b)
+                to_fp8_linears(self._replica.get_submodule(b), {
+                    lin: block.get_submodule(lin).weight for lin in linear_names(block)} if b in resident else None)
+        storage = "fp8_matmul" if fp8 else plan.storage.value
+        self._host = {n: host_block(self.component, "transformer", n, w, storage, dtype, plan.host_budget_bytes)
+                      for n, w in plan.blocks if w in (Where.PINNED, Where.MAPPED)}
 
     def release(self) -> None:
         """Free the GPU copy (ComfyUI's 'free memory' and failures); pinned host copies stay in the
@@ -222,10 +240,13 @@ class TextEncoderHandle:
 
 
 class VAEHandle:
-    """The VAE: memory-mapped until a decode, copied to the device for it and freed after."""
+    """The VAE: off the GPU until a decode, copied there for it from one pinned host copy in the
+    decode dtype, and freed after. The module's structure on the device (with empty tensors) is kept
+    between decodes, so a decode costs one copy and a rebinding of the weights, no module building."""
 
     def __init__(self, component: LoadedComponent, runtime: Runtime):
         self.component, self.runtime = component, runtime
+        self._shell: tuple[torch.device, nn.Module, Slots, dict[str, torch.Tensor]] | None = None
 
     @contextmanager
     def on_device(self) -> Iterator[nn.Module]:
@@ -237,18 +258,24 @@ class VAEHandle:
         # one transfer at PCIe speed instead of a conversion from the mapped float32 file per decode.
         host = host_block(self.component, "vae", "", Where.PINNED, "bf16", self.runtime.vae_dtype,
                           self.runtime.plan.host_budget_bytes)
-        vae = stage = None
+        if self._shell is None or self._shell[0] != device:
+            shell = device_copy(self.component.module, device, self.runtime.vae_dtype, lambda name: Copy.PLACEHOLDER)
+            slots = Slots(shell, [n for n, _ in host.bound_names()])
+            self._shell = (device, shell, slots, slots.current())
+        _, vae, slots, empty = self._shell
+        stage = None
         try:
-            vae = device_copy(self.component.module, device, self.runtime.vae_dtype, lambda name: Copy.PLACEHOLDER)
             stage = torch.empty(host.stage_bytes, dtype=torch.uint8, device=device)
             host.copy_into(stage, non_blocking=True)
-            bind(vae, host.views(stage, None))
+            slots.bind(host.views(stage, None))
             yield vae
         finally:
-            del vae, stage
+            slots.bind(empty)
+            del stage
             free_device_cache(device)
 
     def release(self) -> None:
+        self._shell = None
         free_device_cache(self.runtime.device, collect=True)
 
 

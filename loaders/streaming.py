@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .fp8_matmul import FP8, fp8_quantize
+from .pinned_memory import pinned_buffer
 from .placement import N_BUFFERS
 
 _ALIGN = 256  # byte alignment of every tensor inside a buffer (CUDA kernels like aligned rows)
@@ -84,7 +85,7 @@ class HostBlock:
         self.host_bytes = 0  # bytes this copy holds in host RAM (0 when it reads the mapped file)
         if pinned or self.quantized:
             # One contiguous host buffer: a single copy per block, at full PCIe speed when pinned.
-            self.host = torch.empty(stage, dtype=torch.uint8, pin_memory=pinned and torch.cuda.is_available())
+            self.host = pinned_buffer(stage, self) if pinned else torch.empty(stage, dtype=torch.uint8)
             for e in self.entries:
                 src = tensors[e.name].detach()
                 if e.stage_dtype == FP8:
@@ -147,15 +148,28 @@ class HostBlock:
         return out
 
 
-def bind(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Point the module's parameters (through `.data`) and buffers at `tensors`, by name."""
-    for name, t in tensors.items():
-        owner, _, leaf = name.rpartition(".")
-        mod = module.get_submodule(owner) if owner else module
-        if leaf in mod._parameters:
-            mod._parameters[leaf].data = t
-        else:
-            mod._buffers[leaf] = t
+class Slots:
+    """Named tensors of a module, each resolved once to its owner module and leaf: pointing them at
+    other tensors (a parameter through `.data`, a buffer by assignment) is then a plain loop,
+    cheap enough for every block of every step."""
+
+    def __init__(self, module: nn.Module, names: list[str]):
+        self._slots = []
+        for name in names:
+            owner, _, leaf = name.rpartition(".")
+            mod = module.get_submodule(owner) if owner else module
+            self._slots.append((name, mod, leaf, leaf in mod._parameters))
+
+    def current(self) -> dict[str, torch.Tensor]:
+        return {name: (mod._parameters[leaf].data if param else mod._buffers[leaf])
+                for name, mod, leaf, param in self._slots}
+
+    def bind(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, mod, leaf, param in self._slots:
+            if param:
+                mod._parameters[leaf].data = tensors[name]
+            else:
+                mod._buffers[leaf] = tensors[name]
 
 
 class BlockStreamer:
@@ -181,10 +195,12 @@ class BlockStreamer:
             self.copy_stream = torch.cuda.Stream(self.device)
             self.copied = [torch.cuda.Event() for _ in range(self.n)]
             self.freed = [torch.cuda.Event() for _ in range(self.n)]
-        self._placeholders = {}
+        self._placeholders: dict[int, dict[str, torch.Tensor]] = {}
+        self._slots: dict[int, Slots] = {}
         for m, h in self.blocks:
-            for name, dtype in h.bound_names():
-                self._placeholders[(id(m), name)] = torch.empty(0, dtype=dtype, device=self.device)
+            names = h.bound_names()
+            self._placeholders[id(m)] = {n: torch.empty(0, dtype=dt, device=self.device) for n, dt in names}
+            self._slots[id(m)] = Slots(m, [n for n, _ in names])
         self._handles: list = []
         self._pending: dict[int, int] = {}  # block position -> buffer slot holding (or receiving) it
         self._next = 0  # position of the block expected to run next
@@ -239,12 +255,8 @@ class BlockStreamer:
             self._issue((pos + k) % len(self.blocks), k)
         self._next = pos
 
-    def _bind(self, module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        bind(module, tensors)
-
     def _unbind(self, module: nn.Module) -> None:
-        _, host = self.blocks[self.index[id(module)]]
-        self._bind(module, {name: self._placeholders[(id(module), name)] for name, _ in host.bound_names()})
+        self._slots[id(module)].bind(self._placeholders[id(module)])
 
     def _before(self, module: nn.Module, args) -> None:
         pos = self.index[id(module)]
@@ -254,7 +266,7 @@ class BlockStreamer:
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
         _, host = self.blocks[pos]
-        self._bind(module, host.views(self.stage[slot], self.compute[slot] if self.compute else None))
+        self._slots[id(module)].bind(host.views(self.stage[slot], self.compute[slot] if self.compute else None))
 
     def _after(self, module: nn.Module, args, output) -> None:
         pos = self.index[id(module)]

@@ -1,6 +1,7 @@
 """Z-Image's prompt format and where its Qwen2 BPE tokenizer comes from."""
 from __future__ import annotations
 
+import functools
 import os
 
 from .errors import ZImageError
@@ -29,8 +30,10 @@ def tokenizer_folder(model_path: str | None, comfy_folder: str | None = None) ->
     return None
 
 
+@functools.lru_cache(maxsize=4)
 def load_tokenizer(folder: str | None):
-    """A transformers tokenizer from `folder`, or from the model hub when it is None."""
+    """A transformers tokenizer from `folder`, or from the model hub when it is None. Kept for the
+    next load of the same folder (encoding leaves a tokenizer unchanged; loading one takes ~0.5 s)."""
     from transformers import AutoTokenizer
 
     try:

@@ -40,7 +40,8 @@ def test_sizes_of_the_real_model(sizes):
 def test_everything_resident_when_the_budget_holds_it(sizes):
     p = plan(sizes, 0)
     assert all(w.value == "gpu" for _, w in p.blocks) and p.text_encoder == "streamed" and not p.vae_tiled
-    assert p.streamed_bytes_per_step == 0 and p.pinned_bytes == sum(sizes.text_encoder_blocks) + sizes.vae
+    assert p.streamed_bytes_per_step == 0
+    assert p.pinned_bytes == sum(sizes.text_encoder_blocks) + sizes.vae + p.resident_bytes - sizes.transformer_stem
 
 
 @pytest.mark.parametrize("budget", [4, 6, 8, 12, 16])
@@ -171,3 +172,14 @@ def test_bad_device_lists_are_errors_that_say_what_to_do(sizes):
     with pytest.raises(ZImageError) as e:
         devices_plan(sizes, [2, 2])
     assert "too small to split" in str(e.value) and "raise the budgets" in str(e.value)
+
+
+def test_spare_pinned_ram_keeps_resident_blocks_for_fast_reloads_after_the_streamed_ones(sizes):
+    roomy = plan(sizes, 0, host_gb=64)
+    assert len(roomy.resident_pinned) == 34 and "34 resident blocks kept for fast reloads" in roomy.summary()
+    assert roomy.pinned_bytes <= 64 * GiB
+    tight = plan(sizes, 8, host_gb=16)  # streamed blocks and the text encoder come first
+    assert all(w.value == "pinned" for _, w in tight.blocks if w.value != "gpu")
+    assert 0 < len(tight.resident_pinned) < len(tight.blocks) - len(tight.streamed)
+    assert tight.pinned_bytes <= 16 * GiB
+    assert not plan(sizes, 0, host_gb=64, matmul="fp8").resident_pinned  # quantised on the GPU instead

@@ -184,3 +184,21 @@ def test_blocks_split_over_two_devices_give_the_same_output_with_one_streamer_ea
     assert all(w in (Where.GPU, Where.PINNED) for _, w in rt.plan.blocks)
     # the VAE decodes on the last device, from its one host copy (the pinned one on a GPU machine)
     assert torch.equal(decode(parts.vae, split), reference_image)
+
+
+def test_resident_blocks_kept_in_pinned_ram_load_from_it_bit_for_bit(parts):
+    from zimage_nodes.loaders.host_cache import HOST_CACHE
+
+    reference = run(parts)
+    HOST_CACHE.clear()  # other tests' copies of these files
+    names = use_plan(parts, ["gpu", "gpu", "pinned", "gpu"])
+    rt = parts.runtime
+    rt.plan = dataclasses.replace(rt.plan, resident_pinned=(names[0], names[3]), host_budget_bytes=2**30)
+    built = HOST_CACHE.built
+    assert torch.equal(run(parts), reference)
+    keys = {k[2] for k in HOST_CACHE._entries if k[1] == "transformer"}
+    assert {names[0], names[2], names[3]} <= keys and names[1] not in keys
+    assert HOST_CACHE.built - built <= 3
+    parts.release()  # as when ComfyUI frees the model; the next run copies from the pinned RAM again
+    built = HOST_CACHE.built
+    assert torch.equal(run(parts), reference) and HOST_CACHE.built == built

@@ -82,6 +82,8 @@ def run(paths, label, devices, budgets, ctx):
     for i in range(N):
         torch.cuda.set_per_process_memory_fraction(1.0, i)
     for d, b in zip(devices, budgets):
+        if b <= 0:  # automatic: no cap
+            continue
         i = torch.device(d).index
         total = torch.cuda.get_device_properties(i).total_memory
         torch.cuda.set_per_process_memory_fraction((b * GiB - ctx[i]) / total, i)

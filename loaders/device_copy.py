@@ -8,6 +8,8 @@ from enum import Enum
 import torch
 from torch import nn
 
+from .readahead import ahead
+
 
 class Copy(str, Enum):
     DEVICE = "device"  # copied to the device
@@ -26,8 +28,10 @@ def device_copy(module: nn.Module, device: torch.device, dtype: torch.dtype | No
     """
     memo: dict[int, object] = {}
     try:
-        for name, t in list(module.named_parameters(remove_duplicate=False)) + \
-                list(module.named_buffers(remove_duplicate=False)):
+        named = list(module.named_parameters(remove_duplicate=False)) + \
+            list(module.named_buffers(remove_duplicate=False))
+        copied = ahead(t for name, t in named if how(name) == Copy.DEVICE)  # the disk reads ahead of the copy
+        for name, t in named:
             if id(t) in memo:
                 continue
             target = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
@@ -38,6 +42,7 @@ def device_copy(module: nn.Module, device: torch.device, dtype: torch.dtype | No
             elif mode == Copy.PLACEHOLDER:
                 moved = torch.empty(0, dtype=target, device=where)
             else:
+                next(copied, None)
                 moved = t.detach().to(device=where, dtype=target, copy=True)
             memo[id(t)] = nn.Parameter(moved, requires_grad=False) if isinstance(t, nn.Parameter) else moved
         return copy.deepcopy(module, memo)

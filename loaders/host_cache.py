@@ -49,6 +49,13 @@ class HostBlockCache:
             self._evict()
         return block
 
+    def find(self, key: Key) -> HostBlock | None:
+        with self._lock:
+            block = self._entries.get(key)
+            if block is not None:
+                self._entries.move_to_end(key)
+            return block
+
     def raise_limit(self, limit_bytes: int) -> None:
         """A loader asks for room: the bound becomes the largest RAM budget asked for."""
         with self._lock:

@@ -8,6 +8,7 @@ and then freed, the VAE copied for the decode and freed.
 from __future__ import annotations
 
 import gc
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -79,8 +80,12 @@ def host_block(component: LoadedComponent, part: str, name: str, where: Where, s
     if where != Where.PINNED:
         return HostBlock(name, module.get_submodule(name), "bf16", False, dtype, fp8_matmul)
     HOST_CACHE.raise_limit(host_budget_bytes)
-    key = (source_key(component.path), part, name, storage, str(dtype))
-    return HOST_CACHE.get(key, lambda: HostBlock(name, module.get_submodule(name), storage, True, dtype, fp8_matmul))
+    return HOST_CACHE.get(host_key(component, part, name, storage, dtype),
+                          lambda: HostBlock(name, module.get_submodule(name), storage, True, dtype, fp8_matmul))
+
+
+def host_key(component: LoadedComponent, part: str, name: str, storage: str, dtype: torch.dtype) -> tuple:
+    return source_key(component.path), part, name, storage, str(dtype)
 
 
 class TransformerHandle:
@@ -94,6 +99,7 @@ class TransformerHandle:
         self.last_streamer: BlockStreamer | None = None  # kept for reports (bytes copied)
         self.streamers: list[BlockStreamer] = []  # one per GPU that streams
         self.last_hops: DeviceHops | None = None
+        self._plan: MemoryPlan | None = None  # the plan the GPU copy was built for
 
     @contextmanager
     def on_device(self, plan: MemoryPlan) -> Iterator[nn.Module]:
@@ -139,7 +145,9 @@ class TransformerHandle:
         fp8 = plan.matmul == Matmul.FP8
         names = list(where)
         resident = {b for b, w in where.items() if w in (Where.GPU, Where.CPU)}
-        cached = set(plan.resident_pinned) & resident
+        # resident blocks a release kept in pinned RAM (see release) come back from there
+        cached = {b: h for b in set(plan.resident_pinned) & resident
+                  if (h := HOST_CACHE.find(host_key(self.component, "transformer", b, "bf16", dtype))) is not None}
         quantised = {f"{b}.{lin}.weight" for b in names for lin in linear_names(module.get_submodule(b))} \
             if fp8 else set()
 
@@ -156,7 +164,7 @@ class TransformerHandle:
         self._replica = device_copy(module, self.runtime.device, dtype, how, device_of)
         for b in names:
             if b in cached:
-                host = host_block(self.component, "transformer", b, Where.PINNED, "bf16", dtype, plan.host_budget_bytes)
+                host = cached[b]
                 buf = torch.empty(host.stage_bytes, dtype=torch.uint8, device=block_device[b])
                 host.copy_into(buf, non_blocking=True)
                 views = host.views(buf, None)
@@ -168,10 +176,29 @@ class TransformerHandle:
         storage = "fp8_matmul" if fp8 else plan.storage.value
         self._host = {n: host_block(self.component, "transformer", n, w, storage, dtype, plan.host_budget_bytes)
                       for n, w in plan.blocks if w in (Where.PINNED, Where.MAPPED)}
+        self._plan = plan
+
+    def _keep_resident_blocks_in_ram(self) -> None:
+        """Before the GPU copy goes: copy the resident blocks the plan has pinned RAM for back to the
+        host cache (at PCIe speed, from the GPU), so the next build of this model - a switch back to
+        it, another loader of the same file - skips the disk and the page cache. Doing it here rather
+        than at the first load keeps the first image as fast as the disk allows."""
+        plan, dtype = self._plan, self.runtime.dtype
+        if self._replica is None or plan is None:
+            return
+        HOST_CACHE.raise_limit(plan.host_budget_bytes)
+        for b in plan.resident_pinned:
+            HOST_CACHE.get(host_key(self.component, "transformer", b, "bf16", dtype),
+                           lambda b=b: HostBlock(b, self._replica.get_submodule(b), "bf16", True, dtype))
 
     def release(self) -> None:
         """Free the GPU copy (ComfyUI's 'free memory' and failures); pinned host copies stay in the
         process's bounded cache for the next run."""
+        try:
+            self._keep_resident_blocks_in_ram()
+        except Exception:  # out of host memory, say: the blocks are read from the file next time
+            pass
+        self._plan = None
         self._replica, self._layout, self._host, self.last_streamer = None, None, {}, None
         free_device_cache(self.runtime.device, collect=True)
 
@@ -191,7 +218,8 @@ class TextEncoderHandle:
     def __init__(self, component: LoadedComponent, runtime: Runtime, tokenizer):
         self.component, self.runtime, self.tokenizer = component, runtime, tokenizer
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._host: dict[str, HostBlock] = {}
+        self._pinned: dict[str, HostBlock] | None = None  # the layers' pinned host copies, once made
+        self._pinning: threading.Thread | None = None
         self.encodes = 0  # how many prompts really ran through the encoder
 
     def encode(self, prompt: str) -> torch.Tensor:
@@ -216,18 +244,10 @@ class TextEncoderHandle:
         from .text_encoding import encode_prompt
 
         module, device = self.component.module, torch.device(plan.text_encoder_device)
-        names = [f"layers.{i}" for i in range(len(module.layers))]
-        where = plan.text_encoder_host
-        if not self._host or next(iter(self._host.values())).pinned != (where == Where.PINNED):
-            self._host = {n: host_block(self.component, "text_encoder", n, where, "bf16", self.runtime.dtype,
-                                        plan.host_budget_bytes) for n in names}
-
-        def how(name: str) -> Copy:
-            if name.startswith("embed_tokens."):
-                return Copy.HOST  # looked up on the CPU: 0.7 GB of table for a few hundred rows
-            return Copy.PLACEHOLDER if _block_of(name, names) else Copy.DEVICE
-        te = device_copy(module, device, self.runtime.dtype, how)
-        streamer = BlockStreamer([(te.get_submodule(n), self._host[n]) for n in names], device).attach()
+        te = device_copy(module, device, self.runtime.dtype, lambda name: (
+            Copy.HOST if name.startswith("embed_tokens.")  # looked up on the CPU: 0.7 GB of table for a few rows
+            else Copy.PLACEHOLDER if _block_of(name, self._names) else Copy.DEVICE))
+        streamer = BlockStreamer([(te.get_submodule(n), h) for n, h in self._layers(plan).items()], device).attach()
         try:
             return encode_prompt(te, self.tokenizer, prompt).to("cpu")
         finally:
@@ -235,8 +255,37 @@ class TextEncoderHandle:
             del te, streamer
             free_device_cache(device)
 
+    @property
+    def _names(self) -> list[str]:
+        return [f"layers.{i}" for i in range(len(self.component.module.layers))]
+
+    def _layers(self, plan: MemoryPlan) -> dict[str, HostBlock]:
+        """The layers' host copies for this encode. Pinned ones once they exist; until then (the
+        first prompt of a fresh process) straight from the mapped file, while a background thread
+        pins them for the next prompts: pinning 8 GB first would hold up the first image by
+        seconds for a copy that runs once."""
+        def make(where: Where) -> dict[str, HostBlock]:
+            return {n: host_block(self.component, "text_encoder", n, where, "bf16", self.runtime.dtype,
+                                  plan.host_budget_bytes) for n in self._names}
+        if plan.text_encoder_host != Where.PINNED:
+            return make(Where.MAPPED)
+        if self._pinned is None and all(HOST_CACHE.find(host_key(self.component, "text_encoder", n, "bf16",
+                                                                 self.runtime.dtype)) for n in self._names):
+            self._pinned = make(Where.PINNED)  # another loader of this file pinned them already
+        if self._pinned is not None:
+            return self._pinned
+        if self._pinning is None:
+            def pin():
+                try:
+                    self._pinned = make(Where.PINNED)
+                except Exception:  # out of host memory, say: this encoder keeps streaming from the file
+                    pass
+            self._pinning = threading.Thread(target=pin, name="zimage-pin-text-encoder", daemon=True)
+            self._pinning.start()
+        return make(Where.MAPPED)
+
     def release(self) -> None:
-        self._host = {}
+        self._pinned = None
 
 
 class VAEHandle:

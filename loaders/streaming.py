@@ -25,6 +25,7 @@ from torch import nn
 from .fp8_matmul import FP8, fp8_quantize
 from .pinned_memory import pinned_buffer
 from .placement import N_BUFFERS
+from .readahead import will_need
 
 _ALIGN = 256  # byte alignment of every tensor inside a buffer (CUDA kernels like aligned rows)
 
@@ -86,6 +87,8 @@ class HostBlock:
         if pinned or self.quantized:
             # One contiguous host buffer: a single copy per block, at full PCIe speed when pinned.
             self.host = pinned_buffer(stage, self) if pinned else torch.empty(stage, dtype=torch.uint8)
+            for t in tensors.values():
+                will_need(t)  # the disk reads the whole block while its first tensors are copied
             for e in self.entries:
                 src = tensors[e.name].detach()
                 if e.stage_dtype == FP8:

@@ -109,6 +109,8 @@ class HostBlock:
         if self.host is not None:
             stage[: self.stage_bytes].copy_(self.host, non_blocking=non_blocking)
             return
+        for src in self.sources:
+            will_need(src)  # one large read of the block instead of page-by-page faults
         for e, src in zip(self.entries, self.sources):
             view = stage[e.stage_off:e.stage_off + e.numel * e.dtype.itemsize].view(e.dtype).view(e.shape)
             view.copy_(src.to(e.dtype) if src.dtype != e.dtype else src, non_blocking=non_blocking)

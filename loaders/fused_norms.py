@@ -34,3 +34,11 @@ def use_fused_norms(module: nn.Module) -> int:
             m.__class__ = fused
             n += 1
     return n
+
+
+def use_plain_norms(module: nn.Module) -> None:
+    """Undo use_fused_norms (benchmarks run diffusers' own pipeline on the pack's loaded modules)."""
+    base, fused = _rms_norm_class()
+    for m in module.modules():
+        if isinstance(m, base) and type(m) is not base:
+            m.__class__ = base

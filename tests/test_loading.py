@@ -98,3 +98,19 @@ def test_bf16_weights_are_views_of_the_file_mapping_not_copies(tiny, pack):
     import gc
     gc.collect()
     assert path not in mapped_files()  # the mapping goes with the last tensor
+
+
+def test_transformer_norms_run_fused_and_match_diffusers_own(tiny, pack):
+    from diffusers.models.normalization import RMSNorm
+
+    from zimage_nodes.loaders.component_loading import load_transformer
+    from zimage_nodes.loaders.fused_norms import use_plain_norms
+
+    t = load_transformer(tiny["transformer"], torch.float32).module
+    norms = [m for m in t.modules() if isinstance(m, RMSNorm)]
+    assert norms and all(type(m).__name__ == "FusedRMSNorm" for m in norms)
+    x = torch.randn(2, 7, norms[0].weight.shape[0])
+    fused = norms[0](x)
+    use_plain_norms(t)
+    assert all(type(m) is RMSNorm for m in norms)
+    torch.testing.assert_close(fused, norms[0](x), atol=1e-6, rtol=1e-5)

@@ -9,7 +9,7 @@ import torch
 from . import component_loading
 from .errors import ZImageError
 from .fp8_matmul import check_supported
-from .host_cache import HOST_CACHE
+from .host_cache import HOST_CACHE, source_key
 from .placement import GiB, Matmul, ModelSizes, Storage, available_host_bytes, plan_devices, plan_memory
 from .runtime import Runtime, TextEncoderHandle, TransformerHandle, VAEHandle, ZImagePipelineParts
 from .tokenizer import load_tokenizer, tokenizer_folder
@@ -50,9 +50,10 @@ def load_parts(model: str, text_encoder: str | None = None, vae: str | None = No
                                   ".safetensors) in the loader.")
     t = te = v = tok = None
     try:
-        t = component_loading.load_transformer(model, dtype)
-        te = component_loading.load_text_encoder(text_encoder or model, dtype)
-        v = component_loading.load_vae(vae or model, vae_dtype)
+        t = _recent("transformer", model, dtype) or component_loading.load_transformer(model, dtype)
+        te = _recent("text_encoder", text_encoder or model, dtype) or component_loading.load_text_encoder(
+            text_encoder or model, dtype)
+        v = _recent("vae", vae or model, vae_dtype) or component_loading.load_vae(vae or model, vae_dtype)
         if te.config["hidden_size"] != t.config["cap_feat_dim"]:
             raise ZImageError("the text encoder does not fit the transformer", where=te.path,
                               expected=f"hidden size {t.config['cap_feat_dim']} (the transformer's caption width)",
@@ -75,6 +76,8 @@ def load_parts(model: str, text_encoder: str | None = None, vae: str | None = No
         # failed load holds no weights or file mappings.
         t = te = v = tok = None
         raise
+    _remember({"transformer": (model, dtype, t), "text_encoder": (text_encoder or model, dtype, te),
+               "vae": (vae or model, vae_dtype, v)})
     # "Automatic" is resolved once, here: asked again later, free VRAM would exclude what the
     # pack itself then holds, and each re-plan would shrink.
     rt = Runtime(device, dtype, vae_dtype, sizes, plan.budget_bytes / GiB if device.type == "cuda" else vram_budget_gb,
@@ -82,3 +85,26 @@ def load_parts(model: str, text_encoder: str | None = None, vae: str | None = No
                  matmul=matmul, devices=tuple(plan.devices) if plan.device_plans else (),
                  vram_budgets_gb=tuple(p.budget_bytes / GiB for p in plan.device_plans))
     return ZImagePipelineParts(TransformerHandle(t, rt), TextEncoderHandle(te, rt, tok), VAEHandle(v, rt), rt)
+
+
+# The components of the last successful load, for a load of the same files (ComfyUI runs the loader
+# again when one of its inputs changes; a model switched away from and back): opening them again
+# costs ~0.25 s of module building on a fast CPU. Only memory-mapped ones are kept (an fp8 file's
+# upcast copy would hold its RAM), and only one load's worth, so files are not held open for long.
+_RECENT: dict[str, tuple[tuple, component_loading.LoadedComponent]] = {}
+
+
+def _key(path: str, dtype: torch.dtype) -> tuple:
+    return source_key(path), str(dtype)
+
+
+def _recent(kind: str, path: str, dtype: torch.dtype) -> component_loading.LoadedComponent | None:
+    hit = _RECENT.get(kind)
+    return hit[1] if hit is not None and hit[0] == _key(path, dtype) else None
+
+
+def _remember(loaded: dict[str, tuple]) -> None:
+    _RECENT.clear()
+    for kind, (path, dtype, component) in loaded.items():
+        if "float8" not in component.source_dtype:
+            _RECENT[kind] = (_key(path, dtype), component)

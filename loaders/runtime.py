@@ -8,7 +8,6 @@ and then freed, the VAE copied for the decode and freed.
 from __future__ import annotations
 
 import gc
-import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -219,7 +218,6 @@ class TextEncoderHandle:
         self.component, self.runtime, self.tokenizer = component, runtime, tokenizer
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._pinned: dict[str, HostBlock] | None = None  # the layers' pinned host copies, once made
-        self._pinning: threading.Thread | None = None
         self.encodes = 0  # how many prompts really ran through the encoder
 
     def encode(self, prompt: str) -> torch.Tensor:
@@ -260,29 +258,21 @@ class TextEncoderHandle:
         return [f"layers.{i}" for i in range(len(self.component.module.layers))]
 
     def _layers(self, plan: MemoryPlan) -> dict[str, HostBlock]:
-        """The layers' host copies for this encode. Pinned ones once they exist; until then (the
-        first prompt of a fresh process) straight from the mapped file, while a background thread
-        pins them for the next prompts: pinning 8 GB first would hold up the first image by
-        seconds for a copy that runs once."""
+        """The layers' host copies for this encode: pinned ones from the second prompt on (or when
+        another loader of the file pinned them already); the first prompt streams straight from
+        the mapped file. Pinning 8 GB costs seconds; doing it for the first prompt held up the
+        first image, and doing it in a background thread slowed the sampling it overlapped (the
+        page-locking contends with the kernel launches)."""
         def make(where: Where) -> dict[str, HostBlock]:
             return {n: host_block(self.component, "text_encoder", n, where, "bf16", self.runtime.dtype,
                                   plan.host_budget_bytes) for n in self._names}
         if plan.text_encoder_host != Where.PINNED:
             return make(Where.MAPPED)
-        if self._pinned is None and all(HOST_CACHE.find(host_key(self.component, "text_encoder", n, "bf16",
-                                                                 self.runtime.dtype)) for n in self._names):
-            self._pinned = make(Where.PINNED)  # another loader of this file pinned them already
-        if self._pinned is not None:
-            return self._pinned
-        if self._pinning is None:
-            def pin():
-                try:
-                    self._pinned = make(Where.PINNED)
-                except Exception:  # out of host memory, say: this encoder keeps streaming from the file
-                    pass
-            self._pinning = threading.Thread(target=pin, name="zimage-pin-text-encoder", daemon=True)
-            self._pinning.start()
-        return make(Where.MAPPED)
+        if self._pinned is None and (self.encodes > 0 or all(
+                HOST_CACHE.find(host_key(self.component, "text_encoder", n, "bf16", self.runtime.dtype))
+                for n in self._names)):
+            self._pinned = make(Where.PINNED)
+        return self._pinned if self._pinned is not None else make(Where.MAPPED)
 
     def release(self) -> None:
         self._pinned = None

@@ -114,3 +114,19 @@ def test_transformer_norms_run_fused_and_match_diffusers_own(tiny, pack):
     use_plain_norms(t)
     assert all(type(m) is RMSNorm for m in norms)
     torch.testing.assert_close(fused, norms[0](x), atol=1e-6, rtol=1e-5)
+
+
+def test_loading_the_same_files_again_reuses_their_mapped_components(tiny, pack):
+    import os
+
+    from zimage_nodes.loaders.pipeline_loading import load_parts
+
+    paths = (tiny["transformer"], tiny["text_encoder"], tiny["vae"])
+    kw = dict(device="cpu", dtype=torch.float32, comfy_tokenizer=os.path.join(tiny["diffusers"], "tokenizer"))
+    first = load_parts(*paths, **kw)
+    again = load_parts(*paths, **kw)
+    assert again.transformer.component is first.transformer.component
+    assert again.vae.component is first.vae.component
+    other = load_parts(tiny["transformer_fp8"], *paths[1:], **kw)
+    assert other.transformer.component is not first.transformer.component
+    assert other.text_encoder.component is first.text_encoder.component  # same file, still the last load's

@@ -264,7 +264,8 @@ def test_drop_queue_and_show_plan(comfy, object_info, browser):
     saved = page.evaluate("() => window.app.graph.serialize().nodes.find((n) => n.type === 'ZImageShardedLoader')")
     assert saved["widgets_values"] == [v for k, v in loader.items() if k != "plan"], saved["widgets_values"]
     saved = page.evaluate("() => window.app.graph.serialize().nodes.find((n) => n.type === 'ZImageSampler')")
-    assert "run" not in saved["widgets_values"] and len(saved["widgets_values"]) == 8, saved["widgets_values"]
+    # seed and its control, steps, cfg, shift, sampler, denoise, attention, compile: no report
+    assert "run" not in saved["widgets_values"] and len(saved["widgets_values"]) == 9, saved["widgets_values"]
     prompt = page.evaluate("async () => (await window.app.graphToPrompt()).output")
     for node in prompt.values():
         assert not {"plan", "run"} & set(node["inputs"]), node

@@ -94,13 +94,16 @@ def load_parts(model: str, text_encoder: str | None = None, vae: str | None = No
 _RECENT: dict[str, tuple[tuple, component_loading.LoadedComponent]] = {}
 
 
-def _key(path: str, dtype: torch.dtype) -> tuple:
-    return source_key(path), str(dtype)
+def _key(path: str, dtype: torch.dtype) -> tuple | None:
+    try:
+        return source_key(path), str(dtype)
+    except OSError:  # a missing file: the loader itself says what to do about it
+        return None
 
 
 def _recent(kind: str, path: str, dtype: torch.dtype) -> component_loading.LoadedComponent | None:
-    hit = _RECENT.get(kind)
-    return hit[1] if hit is not None and hit[0] == _key(path, dtype) else None
+    hit, key = _RECENT.get(kind), _key(path, dtype)
+    return hit[1] if hit is not None and key is not None and hit[0] == key else None
 
 
 def _remember(loaded: dict[str, tuple]) -> None:

@@ -88,3 +88,23 @@ def test_a_changed_file_is_not_served_from_the_cache(tiny, pack, tmp_path):
     _pinned_plan(parts)
     _sample(parts)
     assert HOST_CACHE.built - start == 8  # four blocks, made once for each version of the file
+
+
+def test_reading_ahead_keeps_order_and_works_on_file_mappings(tiny, pack):
+    from zimage_nodes.loaders.readahead import ahead, will_need
+    from zimage_nodes.loaders.safetensors_file import SafetensorsFile
+
+    with SafetensorsFile(tiny["transformer"]) as f:
+        tensors = [f.get(k) for k in f.keys()]
+        for t in tensors:
+            will_need(t)  # madvise on the mapping: no error, no change
+        assert [id(t) for t in ahead(iter(tensors))] == [id(t) for t in tensors]
+    will_need(torch.empty(0))
+
+
+def test_pinned_buffers_are_exactly_the_size_asked_for(pack):
+    from zimage_nodes.loaders.pinned_memory import pinned_buffer
+
+    owner = type("Owner", (), {})()
+    buf = pinned_buffer(345 * 2**20 + 7, owner)
+    assert buf.numel() == 345 * 2**20 + 7 and buf.dtype == torch.uint8

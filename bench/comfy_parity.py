@@ -121,34 +121,11 @@ def import_pack():
 
 
 def write_few_layer_files(folder: str, device: str) -> dict[str, str]:
-    """Full-width, few-layer files (smoke runs), made like full_size_files.write's. Two refiner
-    layers: ComfyUI's NextDiT has exactly two of each."""
+    """Full-width, few-layer files for smoke runs (ComfyUI's NextDiT always has two refiner layers
+    of each kind, as the full-size config does)."""
     import full_size_files as ff
-    import torch
-    from diffusers import AutoencoderKL, ZImageTransformer2DModel
-    from safetensors.torch import save_file
-    from transformers import Qwen3Config, Qwen3Model
 
-    from loaders import key_names
-    from loaders.model_detection import scaffold_config
-    from loaders.tiny_models import original_transformer_state, original_vae_state
-
-    paths = {"transformer": os.path.join(folder, "z_image_turbo_bf16.safetensors"),
-             "text_encoder": os.path.join(folder, "qwen_3_4b.safetensors"),
-             "vae": os.path.join(folder, "ae.safetensors")}
-    if all(os.path.exists(p) for p in paths.values()):
-        return paths
-    os.makedirs(folder, exist_ok=True)
-    with torch.device("meta"):
-        tr = ZImageTransformer2DModel(**(scaffold_config("transformer") | dict(n_layers=LAYERS, n_refiner_layers=2)))
-        te = Qwen3Model(Qwen3Config(**(scaffold_config("text_encoder") | dict(num_hidden_layers=TE_LAYERS))))
-    save_file(original_transformer_state(ff._random_like(tr.state_dict(), device)), paths["transformer"])
-    save_file({key_names.TEXT_ENCODER_PREFIX + k: v for k, v in ff._random_like(te.state_dict(), device).items()},
-              paths["text_encoder"])
-    torch.manual_seed(0)
-    vae = AutoencoderKL(**scaffold_config("vae"))
-    save_file(original_vae_state({k: v.contiguous() for k, v in vae.state_dict().items()}, 4), paths["vae"])
-    return paths
+    return ff.write(folder, device, layers=LAYERS, text_encoder_layers=TE_LAYERS)
 
 
 def psnr(a, b, peak: float = 1.0):

@@ -37,7 +37,11 @@ def _random_like(state: dict, device: str) -> dict:
     return out
 
 
-def write(folder: str, device: str = "cuda") -> dict[str, str]:
+def write(folder: str, device: str = "cuda", layers: int | None = None,
+          text_encoder_layers: int | None = None) -> dict[str, str]:
+    """The three files in `folder` (kept if there already). `layers`/`text_encoder_layers`: fewer
+    transformer/Qwen3 layers at full width, for smoke runs of ComfyUI's loaders, which recognise
+    Z-Image and Qwen3-4B by their widths."""
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
@@ -49,15 +53,17 @@ def write(folder: str, device: str = "cuda") -> dict[str, str]:
     os.makedirs(folder, exist_ok=True)
     t0 = time.perf_counter()
     with torch.device("meta"):
-        tr = ZImageTransformer2DModel(**scaffold_config("transformer"))
-        te = Qwen3Model(Qwen3Config(**scaffold_config("text_encoder")))
+        tr = ZImageTransformer2DModel(**(scaffold_config("transformer") | (
+            {"n_layers": layers} if layers else {})))
+        te = Qwen3Model(Qwen3Config(**(scaffold_config("text_encoder") | (
+            {"num_hidden_layers": text_encoder_layers} if text_encoder_layers else {}))))
     save_file(original_transformer_state(_random_like(tr.state_dict(), device)), paths["transformer"])
     save_file({key_names.TEXT_ENCODER_PREFIX + k: v for k, v in _random_like(te.state_dict(), device).items()},
               paths["text_encoder"])
     torch.manual_seed(0)
     vae = AutoencoderKL(**scaffold_config("vae"))
     save_file(original_vae_state({k: v.contiguous() for k, v in vae.state_dict().items()}, 4), paths["vae"])
-    print(f"wrote full-size random files in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"wrote full-width random files in {time.perf_counter() - t0:.0f} s", flush=True)
     return paths
 
 

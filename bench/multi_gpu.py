@@ -13,9 +13,7 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
-import threading
 import time
 
 import torch
@@ -23,6 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from full_size_files import OUT, TOKENIZER, WORK, write  # noqa: E402  (also puts the repo on sys.path)
+from smi_peak import SmiPeak  # noqa: E402
 
 from loaders.generation import decode, denoise  # noqa: E402
 from loaders.pipeline_loading import load_parts  # noqa: E402
@@ -41,30 +40,6 @@ def save():
 def sync():
     for i in range(N):
         torch.cuda.synchronize(i)
-
-
-class SmiPeak:
-    """Highest memory nvidia-smi reports per GPU while the block runs (MiB)."""
-
-    def __enter__(self):
-        self.peak, self.stop = [0] * N, False
-
-        def poll():
-            while not self.stop:
-                try:
-                    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                         capture_output=True, text=True, timeout=5).stdout.split()
-                    self.peak = [max(p, int(v)) for p, v in zip(self.peak, out)]
-                except Exception:
-                    pass
-                time.sleep(0.05)
-        self.t = threading.Thread(target=poll, daemon=True)
-        self.t.start()
-        return self
-
-    def __exit__(self, *a):
-        self.stop = True
-        self.t.join()
 
 
 def context_bytes() -> list[int]:
@@ -118,7 +93,7 @@ def run(paths, label, devices, budgets, ctx):
                     "peak_reserved_GiB_per_gpu": [round(torch.cuda.max_memory_reserved(i) / GiB, 2) for i in range(N)],
                     "peak_incl_context_GiB_per_gpu": [round((torch.cuda.max_memory_reserved(i) + ctx[i]) / GiB, 2)
                                                       for i in range(N)],
-                    "nvidia_smi_peak_GiB_per_gpu": [round(p / 1024, 2) for p in smi.peak]})
+                    "nvidia_smi_peak_GiB_per_gpu": [smi.gib(i) for i in range(N)]})
     finally:
         parts.release()
         del parts

@@ -17,9 +17,7 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
-import threading
 import time
 
 import torch
@@ -27,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from full_size_files import OUT, TOKENIZER, WORK, write  # noqa: E402  (also puts the repo on sys.path)
+from smi_peak import SmiPeak  # noqa: E402
 
 from loaders.fused_norms import use_plain_norms  # noqa: E402
 from loaders.generation import decode, denoise  # noqa: E402
@@ -46,30 +45,6 @@ def log(k, v):
 def save():
     with open(os.path.join(OUT, "streaming_budgets.json"), "w") as f:
         json.dump(R, f, indent=1)
-
-
-class SmiPeak:
-    """Highest device memory nvidia-smi reports while the block runs (MiB)."""
-
-    def __enter__(self):
-        self.peak, self.stop = 0, False
-
-        def poll():
-            while not self.stop:
-                try:
-                    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
-                                          "-i", "0"], capture_output=True, text=True, timeout=5).stdout
-                    self.peak = max(self.peak, int(out.strip().splitlines()[0]))
-                except Exception:
-                    pass
-                time.sleep(0.05)
-        self.t = threading.Thread(target=poll, daemon=True)
-        self.t.start()
-        return self
-
-    def __exit__(self, *a):
-        self.stop = True
-        self.t.join()
 
 
 def sync():
@@ -157,7 +132,7 @@ def run_pack(parts, label: str, budget_gb: float, storage: str, ctx: int, total:
                 "planned_GiB_by_phase": {k: round(v / GiB, 2) for k, v in plan.phases.items()},
                 "peak_reserved_GiB": round(max(phase_peak.values()) / GiB, 2),
                 "peak_process_GiB_incl_context": round((max(phase_peak.values()) + ctx) / GiB, 2),
-                "nvidia_smi_peak_GiB": round(smi.peak / 1024, 2)})
+                "nvidia_smi_peak_GiB": smi.gib(0)})
     R["runs"][label] = res
     print(json.dumps(res), flush=True)
     save()
@@ -199,7 +174,7 @@ def run_diffusers(parts, pos, ctx, total):
         R["runs"][tag] = {"s_per_image_cached_prompt": round(min(ts), 3),
                           "peak_reserved_GiB": round(torch.cuda.max_memory_reserved() / GiB, 2),
                           "peak_process_GiB_incl_context": round((torch.cuda.max_memory_reserved() + ctx) / GiB, 2),
-                          "nvidia_smi_peak_GiB": round(smi.peak / 1024, 2)}
+                          "nvidia_smi_peak_GiB": smi.gib(0)}
         print(tag, R["runs"][tag], flush=True)
         save()
 

@@ -95,8 +95,7 @@ class TransformerHandle:
         self._replica: nn.Module | None = None
         self._layout: tuple | None = None  # (blocks placement, storage, matmul) the replica was built for
         self._host: dict[str, HostBlock] = {}
-        self.last_streamer: BlockStreamer | None = None  # kept for reports (bytes copied)
-        self.streamers: list[BlockStreamer] = []  # one per GPU that streams
+        self.streamers: list[BlockStreamer] = []  # the last run's, one per GPU that streams (for reports)
         self.last_hops: DeviceHops | None = None
         self._plan: MemoryPlan | None = None  # the plan the GPU copy was built for
 
@@ -128,7 +127,6 @@ class TransformerHandle:
             if len(plan.devices) > 1:
                 final = {f"all_final_layer.{k}": self.runtime.device for k in self._replica.all_final_layer.keys()}
                 hops = DeviceHops(self._replica, {**block_device, **final})
-            self.last_streamer = streamers[0] if streamers else None
             self.streamers, self.last_hops = streamers, hops
             yield self._replica
         finally:
@@ -198,8 +196,12 @@ class TransformerHandle:
         except Exception:  # out of host memory, say: the blocks are read from the file next time
             pass
         self._plan = None
-        self._replica, self._layout, self._host, self.last_streamer = None, None, {}, None
+        self._replica, self._layout, self._host, self.streamers = None, None, {}, []
         free_device_cache(self.runtime.device, collect=True)
+
+    @property
+    def last_streamer(self) -> BlockStreamer | None:
+        return self.streamers[0] if self.streamers else None
 
     @property
     def gpu_bytes(self) -> int:

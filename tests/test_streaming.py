@@ -210,3 +210,38 @@ def test_resident_blocks_kept_in_pinned_ram_at_release_come_back_from_it_bit_for
     assert cached() == {names[0], names[2], names[3]}
     built = HOST_CACHE.built
     assert torch.equal(run(parts), reference) and HOST_CACHE.built == built  # rebuilt from RAM alone
+
+
+def test_activation_hops_copy_each_shared_input_once_per_device_and_forward(pack):
+    from torch import nn
+
+    from zimage_nodes.loaders.device_hops import DeviceHops
+
+    class Layer(nn.Module):
+        def forward(self, x, mask, freqs=None):
+            return x + mask.sum() + freqs.sum()
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(Layer() for _ in range(4))
+
+        def forward(self, x, mask, freqs):
+            for layer in self.layers:
+                x = layer(x, mask, freqs=freqs)
+            return x
+
+    model = Model()
+    x, mask, freqs = torch.zeros(2, 3), torch.ones(3), torch.ones(5)
+    reference = model(x, mask, freqs)
+    # 'cpu:0' / 'cpu:1' are distinct device names for the same memory: every input counts as a hop
+    hops = DeviceHops(model, {"layers.0": "cpu:0", "layers.1": "cpu:0", "layers.2": "cpu:1", "layers.3": "cpu:1"})
+    assert torch.equal(model(x, mask, freqs), reference)
+    # per device: the first layer's three inputs, then at the next layer only the new hidden state
+    # (mask and freqs, positional and keyword alike, come from the per-forward cache)
+    assert hops.hops == 2 * 3 + 2
+    model(x, mask, freqs)
+    assert hops.hops == 2 * (2 * 3 + 2)  # the cache starts afresh each forward
+    hops.remove()
+    model(x, mask, freqs)
+    assert hops.hops == 2 * (2 * 3 + 2)

@@ -36,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sampler", default="euler", choices=["euler", "res_multistep"])
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--vram-budget-gb", type=float, default=0.0)
+    ap.add_argument("--ram-budget-gb", type=float, default=0.0)
+    ap.add_argument("--streamed-weights", default="bf16", choices=["bf16", "fp8"])
+    ap.add_argument("--matmul", default="bf16", choices=["bf16", "fp8"], help="fp8: Ada and Hopper GPUs")
+    ap.add_argument("--compile", action="store_true", help="compile the transformer's repeated blocks")
+    ap.add_argument("--devices", default="", help="several GPUs, e.g. 'cuda:0,cuda:1' (each gets --vram-budget-gb)")
     args = ap.parse_args(argv)
 
     from .errors import ZImageError
@@ -55,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
                 args.width = args.height = 256
         try:
             t0 = time.perf_counter()
+            devices = [d.strip() for d in args.devices.split(",") if d.strip()]
             parts = load_parts(model, args.text_encoder, args.vae, args.vram_budget_gb,
-                               comfy_tokenizer=args.tokenizer)
+                               comfy_tokenizer=args.tokenizer, ram_budget_gb=args.ram_budget_gb,
+                               storage=args.streamed_weights, matmul=args.matmul, devices=devices or None)
             print(f"loaded in {time.perf_counter() - t0:.1f} s; {parts.runtime.plan.summary()}", file=sys.stderr)
             positive = parts.text_encoder.encode(args.prompt)
             latent = torch.zeros(1, 16, args.height // 8, args.width // 8)
@@ -67,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 samples, report = denoise(parts, positive, None, latent, args.seed, args.steps, args.cfg, args.shift,
                                           args.sampler, 1.0, args.attention,
-                                          StepHooks(on_step=lambda i, n, x0: bar.update(1)))
+                                          StepHooks(on_step=lambda i, n, x0: bar.update(1)),
+                                          compile_blocks=args.compile)
             image = decode(parts.vae, samples)
         except ZImageError as e:
             print(f"error: {e}", file=sys.stderr)
@@ -75,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     Image.fromarray((image[0].numpy() * 255).round().astype(np.uint8)).save(args.out)
-    print(f"wrote {args.out} ({args.width}x{args.height}, {report.seconds_per_step:.3f} s/step, "
-          f"attention {report.attention})")
+    print(f"wrote {args.out} ({args.width}x{args.height}, {report.summary()})")
     return 0
 
 

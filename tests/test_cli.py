@@ -28,3 +28,12 @@ def test_generate_with_real_files_and_a_bad_size_reports_the_error(tiny, tmp_pat
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "multiples of 16" in r.stderr and "Fix:" in r.stderr
     assert "DEMO" not in r.stderr
+
+
+def test_generate_with_fp8_matmuls_on_the_cpu(tmp_path):
+    out = tmp_path / "fp8.png"
+    r = subprocess.run([sys.executable, "-m", "loaders.generate", "a fox", "--out", str(out), "--width", "64",
+                        "--height", "48", "--steps", "2", "--matmul", "fp8"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert np.asarray(Image.open(out)).shape == (48, 64, 3)

@@ -296,6 +296,31 @@ def available_host_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def _not_negative(value: float, name: str) -> None:
+    if value < 0:
+        raise ZImageError("a memory budget cannot be negative", where=f"loader input '{name}'", found=str(value),
+                          fix="use 0 for automatic, or the GB the model may use.")
+
+
+def vram_budget_bytes(budget_gb: float, device: torch.device | str, free_bytes: int | None = None) -> int:
+    """`budget_gb`, or for 0 the device's free memory (`free_bytes` if given) minus a margin."""
+    _not_negative(budget_gb, "vram_budget_gb")
+    if budget_gb > 0:
+        return int(budget_gb * GiB)
+    if free_bytes is None:
+        free_bytes, _ = torch.cuda.mem_get_info(torch.device(device))
+    # free_bytes is measured with our CUDA context already created; the plan counts it.
+    return free_bytes - AUTO_MARGIN_BYTES + CUDA_CONTEXT_BYTES
+
+
+def host_budget_bytes(host_budget_gb: float, free_host_bytes: int | None = None) -> int:
+    """`host_budget_gb`, or for 0 three quarters of the RAM available now (`free_host_bytes` if given)."""
+    _not_negative(host_budget_gb, "ram_budget_gb")
+    if host_budget_gb > 0:
+        return int(host_budget_gb * GiB)
+    return (free_host_bytes if free_host_bytes is not None else available_host_bytes()) * 3 // 4
+
+
 def plan_memory(sizes: ModelSizes, device: torch.device | str, budget_gb: float = 0.0, host_budget_gb: float = 0.0,
                 height: int = 1024, width: int = 1024, batch: int = 1, storage: Storage | str = Storage.BF16,
                 free_bytes: int | None = None, free_host_bytes: int | None = None,
@@ -311,21 +336,8 @@ def plan_memory(sizes: ModelSizes, device: torch.device | str, budget_gb: float 
         return MemoryPlan("cpu", 0, 0, height, width, batch, storage,
                           tuple((name, Where.CPU) for name, _ in sizes.transformer_blocks), "cpu", Where.CPU, False,
                           sizes, {"encode": 0, "denoise": 0, "decode": 0}, matmul)
-    for value, name in ((budget_gb, "vram_budget_gb"), (host_budget_gb, "ram_budget_gb")):
-        if value < 0:
-            raise ZImageError("a memory budget cannot be negative", where=f"loader input '{name}'", found=str(value),
-                              fix="use 0 for automatic, or the GB the model may use.")
-    if budget_gb > 0:
-        budget = int(budget_gb * GiB)
-    else:
-        if free_bytes is None:
-            free_bytes, _ = torch.cuda.mem_get_info(device)
-        # free_bytes is measured with our CUDA context already created; the plan counts it.
-        budget = free_bytes - AUTO_MARGIN_BYTES + CUDA_CONTEXT_BYTES
-    if host_budget_gb > 0:
-        host_budget = int(host_budget_gb * GiB)
-    else:
-        host_budget = (free_host_bytes if free_host_bytes is not None else available_host_bytes()) * 3 // 4
+    budget = vram_budget_bytes(budget_gb, device, free_bytes)
+    host_budget = host_budget_bytes(host_budget_gb, free_host_bytes)
 
     work = denoise_work_bytes(height, width, batch)
     base = CUDA_CONTEXT_BYTES + SLACK_BYTES
@@ -431,8 +443,7 @@ def plan_devices(sizes: ModelSizes, devices: list[str], budgets_gb: list[float],
         raise ZImageError("several devices must be distinct GPUs", where="loader input 'devices'",
                           found=", ".join(devices), fix="list each GPU once, e.g. 'cuda:0, cuda:1'.")
     storage, matmul = Storage(storage), Matmul(matmul)
-    if host_budget_gb <= 0:
-        host_budget_gb = (free_host_bytes if free_host_bytes is not None else available_host_bytes()) * 3 / 4 / GiB
+    host_budget = host_budget_bytes(host_budget_gb, free_host_bytes)
     names = [n for n, _ in sizes.transformer_blocks]
     probe = MemoryPlan("cuda", 0, 0, height, width, batch, storage, (), "", Where.CPU, False, sizes, {}, matmul)
     block = [probe._block_bytes(i, Where.GPU) for i in range(len(names))]
@@ -440,9 +451,7 @@ def plan_devices(sizes: ModelSizes, devices: list[str], budgets_gb: list[float],
     fixed = CUDA_CONTEXT_BYTES + SLACK_BYTES + denoise_work_bytes(height, width, batch) + N_BUFFERS * max(block)
     room = []
     for i, (d, b) in enumerate(zip(devices, budgets_gb)):
-        budget = int(b * GiB) if b > 0 else ((free_bytes or {}).get(d) if free_bytes and d in free_bytes
-                                             else torch.cuda.mem_get_info(torch.device(d))[0]) \
-            - AUTO_MARGIN_BYTES + CUDA_CONTEXT_BYTES
+        budget = vram_budget_bytes(b, d, (free_bytes or {}).get(d))
         own = fixed + (sizes.transformer_stem if i == 0 else 0) + (
             max(te_stream, sizes.vae + decode_work_bytes(height, width, batch, True)) if i == len(devices) - 1 else 0)
         room.append((budget, max(0, budget - own)))
@@ -463,7 +472,7 @@ def plan_devices(sizes: ModelSizes, devices: list[str], budgets_gb: list[float],
         bounds = [0] + cuts + [len(names)]
         if any(lo >= hi for lo, hi in zip(bounds, bounds[1:])) or bounds[1] < refiners:
             return None
-        plans, host_left = [], host_budget_gb
+        plans, host_left = [], host_budget / GiB
         for k, d in enumerate(devices):
             lo, hi = bounds[k], bounds[k + 1]
             sub = ModelSizes(sizes.transformer_stem if k == 0 else 0, sizes.transformer_blocks[lo:hi],
@@ -502,6 +511,6 @@ def plan_devices(sizes: ModelSizes, devices: list[str], budgets_gb: list[float],
     plans = best
     first = plans[0]
     return with_resident_cache(MemoryPlan(
-        first.device, first.budget_bytes, int(host_budget_gb * GiB), height, width, batch, storage,
+        first.device, first.budget_bytes, host_budget, height, width, batch, storage,
         tuple(b for p in plans for b in p.blocks), "streamed", plans[-1].text_encoder_host, plans[-1].vae_tiled, sizes,
         first.phases, matmul, tuple(plans)))

@@ -10,7 +10,7 @@ from . import component_loading
 from .errors import ZImageError
 from .fp8_matmul import check_supported
 from .host_cache import HOST_CACHE, source_key
-from .placement import GiB, Matmul, ModelSizes, Storage, available_host_bytes, plan_devices, plan_memory
+from .placement import GiB, Matmul, ModelSizes, Storage, available_host_bytes, plan_devices
 from .runtime import Runtime, TextEncoderHandle, TransformerHandle, VAEHandle, ZImagePipelineParts
 from .tokenizer import load_tokenizer, tokenizer_folder
 
@@ -65,12 +65,10 @@ def load_parts(model: str, text_encoder: str | None = None, vae: str | None = No
         # reload of these files finds its pinned copies there.
         free_host = available_host_bytes() + HOST_CACHE.nbytes
         # Shown by the loader; the sampler re-plans for its own resolution and batch.
-        if devices and len(devices) > 1:
-            plan = plan_devices(sizes, list(devices), vram_budgets_gb, ram_budget_gb, storage=storage, matmul=matmul,
-                                free_host_bytes=free_host)
-        else:
-            plan = plan_memory(sizes, device, vram_budget_gb, ram_budget_gb, storage=storage, matmul=matmul,
-                               free_host_bytes=free_host)
+        several = bool(devices) and len(devices) > 1
+        plan = plan_devices(sizes, list(devices) if several else [str(device)],
+                            list(vram_budgets_gb) if several else [vram_budget_gb], ram_budget_gb, storage=storage,
+                            matmul=matmul, free_host_bytes=free_host)
     except BaseException:
         # The traceback keeps this frame alive (ComfyUI shows it); drop what was loaded so the
         # failed load holds no weights or file mappings.

@@ -430,9 +430,10 @@ def plan_devices(sizes: ModelSizes, devices: list[str], budgets_gb: list[float],
                  height: int = 1024, width: int = 1024, batch: int = 1, storage: Storage | str = Storage.BF16,
                  matmul: Matmul | str = Matmul.BF16, free_bytes: dict[str, int] | None = None,
                  free_host_bytes: int | None = None) -> MemoryPlan:
-    """The plan over several GPUs: the transformer's blocks split in call order into one contiguous
-    run per device, sized by what each device can hold, each device streaming what it cannot
-    (every GPU has its own PCIe link, so streaming spread over several copies in parallel).
+    """The plan over the GPUs in `devices` (plan_memory's plan for one): the transformer's blocks
+    split in call order into one contiguous run per device, sized by what each device can hold,
+    each device streaming what it cannot (every GPU has its own PCIe link, so streaming spread
+    over several copies in parallel).
     The stem runs on the first device (so do the refiners: the caption and image streams they
     make are joined there), the text encoder and the VAE on the last. Activations hop between
     devices at the block boundaries; weights never move."""

@@ -21,7 +21,7 @@ from .device_copy import Copy, device_copy
 from .device_hops import DeviceHops
 from .fp8_matmul import linear_names, to_fp8_linears
 from .host_cache import HOST_CACHE, source_key
-from .placement import Matmul, MemoryPlan, ModelSizes, Storage, Where, plan_devices, plan_memory
+from .placement import Matmul, MemoryPlan, ModelSizes, Storage, Where, plan_devices
 from .streaming import BlockStreamer, HostBlock, Slots
 
 
@@ -43,12 +43,9 @@ class Runtime:
 
     def plan_for(self, height: int, width: int, batch: int) -> MemoryPlan:
         if not self.fixed_plan and (self.plan.height, self.plan.width, self.plan.batch) != (height, width, batch):
-            if len(self.devices) > 1:
-                self.plan = plan_devices(self.sizes, list(self.devices), list(self.vram_budgets_gb),
-                                         self.ram_budget_gb, height, width, batch, self.storage, self.matmul)
-            else:
-                self.plan = plan_memory(self.sizes, self.device, self.vram_budget_gb, self.ram_budget_gb, height,
-                                        width, batch, self.storage, matmul=self.matmul)
+            self.plan = plan_devices(self.sizes, list(self.devices) or [str(self.device)],
+                                     list(self.vram_budgets_gb) or [self.vram_budget_gb], self.ram_budget_gb, height,
+                                     width, batch, self.storage, self.matmul)
         return self.plan
 
 

@@ -10,9 +10,11 @@ On a CPU device the same engine runs with synchronous copies, so its logic is te
 
 Storage: "bf16" copies weights as they are; "fp8" keeps each streamed matrix in float8_e4m3fn
 with one float32 scale per output row (per-row absmax / 448): half the bytes over PCIe. It is
-dequantised into the slot's bf16 buffer on the copy stream right after its copy, so the
-compute stream never waits for it, unless the blocks multiply in fp8 themselves
-(`fp8_matmul.Fp8Linear`): then the fp8 weights and their scales are bound as they arrived.
+dequantised on the compute stream, right before its block runs, into one bf16 buffer that every
+streamed block shares: the copy stream then only copies (kernels queued there waited for SMs the
+blocks were using and held up the next copy), and one buffer instead of one per slot leaves room
+for more resident blocks. When the blocks multiply in fp8 themselves (`fp8_matmul.Fp8Linear`),
+the fp8 weights and their scales are bound as they arrived.
 """
 from __future__ import annotations
 
@@ -193,8 +195,8 @@ class BlockStreamer:
         self.stage = [torch.empty(stage_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.n)]
         fp8 = any(h.dequantized for _, h in self.blocks)
         compute_bytes = max(h.compute_bytes for _, h in self.blocks)
-        self.compute = [torch.empty(compute_bytes, dtype=torch.uint8, device=self.device)
-                        for _ in range(self.n)] if fp8 else None
+        # one dequantisation buffer: blocks run one after another on the compute stream
+        self.compute = torch.empty(compute_bytes, dtype=torch.uint8, device=self.device) if fp8 else None
         self.index = {id(m): i for i, (m, _) in enumerate(self.blocks)}
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
@@ -237,13 +239,9 @@ class BlockStreamer:
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(self.freed[slot])
                 host.copy_into(self.stage[slot], non_blocking=True)
-                if host.dequantized:
-                    host.dequantize(self.stage[slot], self.compute[slot])
                 self.copied[slot].record(self.copy_stream)
         else:
             host.copy_into(self.stage[slot], non_blocking=False)
-            if host.dequantized:
-                host.dequantize(self.stage[slot], self.compute[slot])
         self._pending[pos] = slot
         self.copies += 1
 
@@ -271,7 +269,9 @@ class BlockStreamer:
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
         _, host = self.blocks[pos]
-        self._slots[id(module)].bind(host.views(self.stage[slot], self.compute[slot] if self.compute else None))
+        if host.dequantized:
+            host.dequantize(self.stage[slot], self.compute)
+        self._slots[id(module)].bind(host.views(self.stage[slot], self.compute))
 
     def _after(self, module: nn.Module, args, output) -> None:
         pos = self.index[id(module)]

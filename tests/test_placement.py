@@ -72,8 +72,10 @@ def test_fp8_storage_halves_the_bytes_streamed_per_step(sizes):
     bf16, fp8 = plan(sizes, 6), plan(sizes, 6, storage="fp8")
     per_block = [p.streamed_bytes_per_step / len(p.streamed) for p in (bf16, fp8)]
     assert 0.49 < per_block[1] / per_block[0] < 0.52
-    # its bf16 dequantisation buffers cost about one resident block
-    assert 0 <= len(fp8.streamed) - len(bf16.streamed) <= 2
+    # half-size staging buffers plus one shared bf16 dequantisation buffer take less room than
+    # bf16's staging buffers: at least as many blocks stay resident
+    assert len(fp8.streamed) <= len(bf16.streamed)
+    assert fp8.phases["denoise"] <= 6 * GiB
 
 
 def test_host_ram_fallback_streams_from_the_mapped_file_when_pinned_ram_is_short(sizes):

@@ -4,7 +4,9 @@ attention backend x compiled blocks x fp8 matmul combination, beside diffusers' 
 weights; the quality cost of fp8 (PSNR, cosine of the image vs bf16, same seed); compiling on a
 new resolution; VAE decode time and peak at 1024² and 2048²; compiled blocks with streaming.
 
-    python bench/speed.py            # env: OUT (results folder), WORK (weights), TOKENIZER
+    python bench/speed.py            # env: OUT (results folder), WORK (weights), TOKENIZER,
+                                     # CONFIGS=label,label (a subset), PROFILE=compiled_bf16,compiled_fp8
+                                     # (kernel tables), PARTS=resolutions,decodes,run_diffusers
 Without a GPU it runs a smoke test of itself on tiny random models (64x64, CPU).
 """
 from __future__ import annotations
@@ -111,6 +113,31 @@ def run_pack(parts, pos, label, attention="sdpa", compile_blocks=False, matmul="
     return sample
 
 
+def profile(parts, pos, label):
+    """Where one image's GPU time goes (`label`: compiled_bf16 or compiled_fp8 or eager_bf16),
+    after a warm-up: the top kernels by CUDA time, to $OUT/profile_<label>.txt."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    compiled, matmul = label.startswith("compiled"), label.rsplit("_", 1)[1]
+    configure(parts, 0, matmul)
+    latent = torch.zeros(1, 16, RES // 8, RES // 8)
+    out, _ = denoise(parts, pos, None, latent, seed=0, steps=STEPS, compile_blocks=compiled)
+    decode(parts.vae, out)
+    sync()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
+    with torch_profile(activities=acts) as prof:
+        out, _ = denoise(parts, pos, None, latent, seed=1, steps=STEPS, compile_blocks=compiled)
+        sync()
+        decode(parts.vae, out)
+        sync()
+    key = "cuda_time_total" if CUDA else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=90)
+    with open(os.path.join(OUT, f"profile_{label}.txt"), "w") as f:
+        f.write(table)
+    print(table[:6000], flush=True)
+
+
 def resolutions(parts, pos):
     """Compiled blocks on new resolutions after 1024²: graphs compiled and the first step's time."""
     configure(parts, 0, "bf16")
@@ -199,7 +226,6 @@ def run_diffusers(parts, pos):
 def main():
     if CUDA:
         paths = write(WORK)
-        parts = load_parts(paths["transformer"], paths["text_encoder"], paths["vae"], 0, comfy_tokenizer=TOKENIZER)
     else:
         from loaders.tiny_models import write_tiny_models
 
@@ -218,6 +244,8 @@ def main():
         ("compiled_sdpa_bf16_8GiB", "sdpa", True, "bf16", 8),
         ("eager_sdpa_fp8_4GiB", "sdpa", False, "fp8", 4), ("compiled_sdpa_fp8_4GiB", "sdpa", True, "fp8", 4),
     ]
+    wanted = {c for c in os.environ.get("CONFIGS", "").split(",") if c}
+    configs = [c for c in configs if not wanted or c[0] in wanted]
     images = {}
     for label, att, comp, mm, budget in configs:
         try:
@@ -232,7 +260,10 @@ def main():
             R["runs"][label]["image_psnr_vs_eager_bf16_dB"] = round(psnr(img, ref), 2)
             R["runs"][label]["image_cosine_vs_eager_bf16"] = round(cosine(img, ref), 6)
     save()
-    for fn in (resolutions, decodes, run_diffusers):
+    for label in [c for c in os.environ.get("PROFILE", "").split(",") if c]:
+        profile(parts, pos, label)
+    parts_wanted = os.environ.get("PARTS", "resolutions,decodes,run_diffusers").split(",")
+    for fn in [f for f in (resolutions, decodes, run_diffusers) if f.__name__ in parts_wanted]:
         try:
             fn(parts, pos)
         except Exception as e:

@@ -6,7 +6,8 @@ torch.cuda.set_per_process_memory_fraction, so a plan that under-counts fails; n
 device-wide figure (this process is alone on the GPU) is sampled every 50 ms.
 
     python bench/streaming_budgets.py            # env: OUT (results folder), WORK (weights folder),
-                                                 #      TOKENIZER (Qwen tokenizer folder), QUICK=1
+                                                 #      TOKENIZER (Qwen tokenizer folder), QUICK=1,
+                                                 #      CONFIGS=label,label (a subset), DIFFUSERS=0
 Cases: (a) a new seed with the prompt's conditioning cached (the usual ComfyUI case),
        (b) a new prompt each image.
 """
@@ -224,6 +225,8 @@ def main():
                ("8GiB_fp8", 8, "fp8"), ("6GiB_fp8", 6, "fp8"), ("4GiB_fp8", 4, "fp8")]
     if QUICK:
         configs = [c for c in configs if c[0] in ("unlimited_bf16", "8GiB_bf16", "4GiB_fp8")]
+    wanted = {c for c in os.environ.get("CONFIGS", "").split(",") if c}  # e.g. CONFIGS=unlimited_bf16,4GiB_fp8
+    configs = [c for c in configs if not wanted or c[0] in wanted]
     outputs = {}
     for label, budget, storage in configs:
         try:
@@ -249,7 +252,8 @@ def main():
             r["target_s_per_step"] = round(1.05 * max(base, r["copy_bound_s_per_step"]), 4)
     save()
     pos = parts.text_encoder.encode(PROMPTS[0])
-    run_diffusers(parts, pos, ctx, total)
+    if os.environ.get("DIFFUSERS", "1") == "1":
+        run_diffusers(parts, pos, ctx, total)
     base_img = R["runs"].get("unlimited_bf16", {}).get("s_per_image_cached_prompt")
     print(f"\nGPU: {R['gpu']}   h2d pinned {R['h2d_pinned_GBps']} GB/s   context {R['cuda_context_GiB']} GiB")
     print(f"{'run':34s} {'s/img(a)':>8s} {'s/img(b)':>8s} {'s/step':>7s} {'target':>7s} {'ratio':>6s} "

@@ -345,12 +345,20 @@ def child_pack(c: Case) -> None:
             smoke_plan(parts, budget)
         return parts
 
-    def image(parts, i: int) -> float:
+    def image(parts, i: int, phases: dict | None = None) -> float:
         t = now()
         pos = parts.text_encoder.encode(PROMPTS[i])
+        if phases is not None:  # where a first image's time goes (syncs only there)
+            sync()
+            phases["encode_s"] = round(now() - t, 3)
         out, _ = denoise(parts, pos, None, latent, seed=i, steps=STEPS)
+        if phases is not None:
+            sync()
+            phases["denoise_incl_placement_s"] = round(now() - t - phases["encode_s"], 3)
         decode(parts.vae, out)
         sync()
+        if phases is not None:
+            phases["decode_s"] = round(now() - t - phases["encode_s"] - phases["denoise_incl_placement_s"], 3)
         return now() - t
 
     def first(into: dict):
@@ -361,8 +369,10 @@ def child_pack(c: Case) -> None:
             t0 = now()
             parts = load()
             c.say("load_s", round(now() - t0, 3), into)
-            image(parts, 0)
+            phases: dict = {}
+            image(parts, 0, phases)
             c.say("first_image_s", round(now() - t0, 3), into)
+            c.say("first_image_phases", phases, into)
         c.say("host", mem.report(weights), into)
         c.say("host_cache", {"GB": round(HOST_CACHE.nbytes / GB, 3), "copies_made": HOST_CACHE.built - built}, into)
         if cuda:

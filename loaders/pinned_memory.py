@@ -18,14 +18,26 @@ _PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context of the 
 def pinned_buffer(nbytes: int, owner: object) -> torch.Tensor:
     """A uint8 host buffer of `nbytes`, page-locked while `owner` lives (plain memory without CUDA,
     or PyTorch's pinned allocator if registering fails)."""
-    if not torch.cuda.is_available():
-        return torch.empty(nbytes, dtype=torch.uint8)
+    return pin(*host_buffer(nbytes), owner)
+
+
+def host_buffer(nbytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(allocation, page-aligned uint8 buffer of `nbytes` inside it), not page-locked yet: filling
+    it first and pinning after (`pin`) lets several threads fault its pages in, where registering
+    fresh memory faults them in on one (2.6 s against 0.65 s for 8 GB on the H100 machine)."""
     raw = torch.empty(nbytes + _PAGE, dtype=torch.uint8)
     start = (-raw.data_ptr()) % _PAGE
-    buf = raw[start:start + nbytes]
+    return raw, raw[start:start + nbytes]
+
+
+def pin(raw: torch.Tensor, buf: torch.Tensor, owner: object) -> torch.Tensor:
+    """`buf` (from `host_buffer`) page-locked while `owner` lives; its contents are kept."""
+    if not torch.cuda.is_available():
+        return buf
+    nbytes = buf.numel()
     cudart = torch.cuda.cudart()
     if int(cudart.cudaHostRegister(buf.data_ptr(), max(nbytes, 1), _PORTABLE)) != 0:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        return buf.pin_memory()
     # `raw` rides along with the finalizer, so the pages are unregistered before they are freed.
     weakref.finalize(owner, _unregister, buf.data_ptr(), raw)
     return buf

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ZImageError
+from .file_reads import register_mapping
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -106,6 +107,7 @@ class SafetensorsFile:
                 # ACCESS_COPY: writable for torch.frombuffer, yet pages stay shared with the
                 # page cache until somebody writes to them (nobody does).
                 self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            register_mapping(self._mmap, self.path)
         numel = (info.end - info.start) // info.dtype.itemsize
         if numel == 0:
             return torch.empty(info.shape, dtype=info.dtype)

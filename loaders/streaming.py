@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .file_reads import file_range, read_into
 from .fp8_matmul import FP8, fp8_quantize
-from .pinned_memory import pinned_buffer
+from .pinned_memory import host_buffer, pin
 from .placement import N_BUFFERS
 from .readahead import will_need
 
@@ -88,18 +89,26 @@ class HostBlock:
         self.host_bytes = 0  # bytes this copy holds in host RAM (0 when it reads the mapped file)
         if pinned or self.quantized:
             # One contiguous host buffer: a single copy per block, at full PCIe speed when pinned.
-            self.host = pinned_buffer(stage, self) if pinned else torch.empty(stage, dtype=torch.uint8)
-            for t in tensors.values():
-                will_need(t)  # the disk reads the whole block while its first tensors are copied
+            # Filled first (tensors as they are in the file read straight from it by several
+            # threads), page-locked after.
+            raw, buf = host_buffer(stage)
+            reads = []
             for e in self.entries:
                 src = tensors[e.name].detach()
+                where = file_range(src) if e.stage_dtype == src.dtype else None
+                if where is not None:
+                    reads.append((buf[e.stage_off:e.stage_off + e.numel * e.dtype.itemsize], *where))
+                    continue
+                will_need(src)
                 if e.stage_dtype == FP8:
                     q, s = fp8_quantize(src)
-                    self.host[e.stage_off:e.stage_off + q.numel()].view(q.dtype).copy_(q.reshape(-1))
-                    self.host[e.scale_off:e.scale_off + s.numel() * 4].view(torch.float32).copy_(s)
+                    buf[e.stage_off:e.stage_off + q.numel()].view(q.dtype).copy_(q.reshape(-1))
+                    buf[e.scale_off:e.scale_off + s.numel() * 4].view(torch.float32).copy_(s)
                 else:
-                    self.host[e.stage_off:e.stage_off + e.numel * e.dtype.itemsize].view(e.dtype).view(
+                    buf[e.stage_off:e.stage_off + e.numel * e.dtype.itemsize].view(e.dtype).view(
                         e.shape).copy_(src)
+            read_into(reads)
+            self.host = pin(raw, buf, self) if pinned else buf
             self.sources = None
             self.host_bytes = stage
         else:

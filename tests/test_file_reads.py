@@ -1,0 +1,112 @@
+"""Reading weights straight from their safetensors file (several threads, `pread`) instead of
+copying out of the file mapping: the bytes found, and the blocks built from them, are the same."""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+
+@pytest.fixture
+def weights(tmp_path):
+    torch.manual_seed(0)
+    tensors = {"a.weight": torch.randn(64, 48), "a.bias": torch.randn(64), "b.weight": torch.randn(32, 64),
+               "steps": torch.arange(10, dtype=torch.int64)}
+    path = str(tmp_path / "w.safetensors")
+    save_file(tensors, path)
+    return path, tensors
+
+
+def test_tensors_of_a_mapped_file_map_back_to_their_bytes(weights, pack):
+    from zimage_nodes.loaders.file_reads import _MAPPINGS, file_range
+    from zimage_nodes.loaders.safetensors_file import SafetensorsFile
+
+    path, tensors = weights
+    f = SafetensorsFile(path)
+    raw = open(path, "rb").read()
+    for name, t in tensors.items():
+        mapped = f.get(name)
+        where = file_range(mapped)
+        assert where is not None and where[0] == f.path
+        nbytes = t.numel() * t.element_size()
+        assert raw[where[1]:where[1] + nbytes] == t.numpy().tobytes()
+    w = f.get("a.weight")
+    rows = w[8:16]  # a contiguous slice (like a split fused qkv) maps too
+    assert file_range(rows) == (f.path, file_range(w)[1] + 8 * 48 * 4)
+    assert file_range(w.t()) is None  # not contiguous: copied, not read
+    assert file_range(torch.randn(4)) is None  # not from a file
+    n = len(_MAPPINGS)
+    f.close()
+    del f, w, rows, mapped
+    gc.collect()
+    assert len(_MAPPINGS) == n - 1  # the mapping went with its last tensor, and its entry with it
+
+
+def test_read_into_fills_every_destination_in_pieces_over_threads(weights, pack, monkeypatch):
+    from zimage_nodes.loaders import file_reads
+    from zimage_nodes.loaders.safetensors_file import SafetensorsFile
+
+    monkeypatch.setattr(file_reads, "PIECE", 1000)  # a 12 kB tensor in 13 pieces
+    path, tensors = weights
+    f = SafetensorsFile(path)
+    jobs, outs = [], []
+    for name in ("a.weight", "b.weight", "a.bias"):
+        t = f.get(name)
+        out = torch.zeros(t.numel() * t.element_size(), dtype=torch.uint8)
+        jobs.append((out, *file_reads.file_range(t)))
+        outs.append((out, tensors[name]))
+    file_reads.read_into(jobs)
+    for out, t in outs:
+        assert torch.equal(out.view(t.dtype).view(t.shape), t)
+
+
+def test_read_past_the_end_of_the_file_is_an_error(weights, pack):
+    from zimage_nodes.loaders.file_reads import read_into
+
+    path, _ = weights
+    with pytest.raises(OSError, match="end of file"):
+        read_into([(torch.zeros(100, dtype=torch.uint8), path, 10**6)])
+
+
+def test_a_host_block_read_from_the_file_equals_one_copied_from_memory(weights, pack, monkeypatch):
+    from zimage_nodes.loaders import streaming
+    from zimage_nodes.loaders.safetensors_file import SafetensorsFile
+    from zimage_nodes.loaders.streaming import HostBlock
+
+    read = []
+    real = streaming.read_into
+    monkeypatch.setattr(streaming, "read_into", lambda jobs: (read.append(len(jobs)), real(jobs)))
+
+    path, tensors = weights
+    f = SafetensorsFile(path)
+
+    def block(get):
+        m = nn.Module()
+        m.a, m.b = nn.Linear(48, 64), nn.Linear(64, 32, bias=False)
+        for name in ("a.weight", "a.bias", "b.weight"):
+            owner, leaf = name.split(".")
+            getattr(m, owner)._parameters[leaf] = nn.Parameter(get(name), requires_grad=False)
+        m.register_buffer("steps", get("steps"))
+        return m
+
+    from_file = HostBlock("blk", block(f.get), "bf16", pinned=True, compute_dtype=torch.float32)
+    from_memory = HostBlock("blk", block(lambda n: tensors[n].clone()), "bf16", pinned=True,
+                            compute_dtype=torch.float32)
+    assert read == [4, 0]  # every tensor of the first block came from the file, none of the second's
+    assert from_file.host_bytes == from_memory.host_bytes > 0
+    same(from_file, from_memory)
+    # a dtype change can't be read as is: converted from the mapping instead, same result
+    half = HostBlock("blk", block(f.get), "bf16", pinned=True, compute_dtype=torch.bfloat16)
+    ref = HostBlock("blk", block(lambda n: tensors[n].clone()), "bf16", pinned=True, compute_dtype=torch.bfloat16)
+    same(half, ref)
+
+
+def same(a, b):
+    """The two host copies hold the same tensors (the alignment padding between them is not set)."""
+    va, vb = a.views(a.host, None), b.views(b.host, None)
+    assert va.keys() == vb.keys() == {"a.weight", "a.bias", "b.weight", "steps"}
+    for k in va:
+        assert torch.equal(va[k], vb[k]), k

@@ -11,6 +11,9 @@ Paths:
   pread_ring_gpu_T T threads pread into a ring of pinned 64 MiB buffers, each copied to the GPU
                    asynchronously as soon as it is full
   register_only    cudaHostRegister of an already-touched buffer, and of a fresh one
+  pack_to_gpu      the loader's reader (loaders/file_reads.copy_to_device): threads through a pinned
+                   ring, the kernel asked to read 768 MB ahead
+  pack_to_pinned   the loader's host copies: threads pread into fresh memory, page-locked after
 """
 from __future__ import annotations
 
@@ -137,6 +140,27 @@ def pread_ring_gpu(threads, ring=4, chunk=64 * 2**20):
     return run
 
 
+def pack_to_gpu(path):
+    from loaders.file_reads import copy_to_device
+
+    out = torch.empty(SIZE, dtype=torch.uint8, device=DEV)
+    step = 360 * 2**20
+    copy_to_device([(out[k:k + step], path, k) for k in range(0, SIZE, step)])
+    sync()
+
+
+def pack_to_pinned(path):
+    from loaders.file_reads import read_into
+    from loaders.pinned_memory import host_buffer, pin
+
+    owners = []
+    for k in range(0, SIZE, 360 * 2**20):  # block by block, as the loader does
+        raw, buf = host_buffer(min(360 * 2**20, SIZE - k))
+        read_into([(buf, path, k)])
+        owners.append(type("Owner", (), {})())
+        owners[-1].buf = pin(raw, buf, owners[-1])
+
+
 def register_only(_path):
     owner = type("Owner", (), {})()
     t = time.perf_counter()
@@ -179,7 +203,8 @@ def main():
             os.fsync(f.fileno())
         R["write_s"] = round(time.perf_counter() - t, 1)
     threads = [int(x) for x in os.environ.get("THREADS", "1,4,8,16").split(",")]
-    paths = [("mmap_to_gpu", mmap_to_gpu), ("mmap_to_pinned", mmap_to_pinned)]
+    paths = [("mmap_to_gpu", mmap_to_gpu), ("mmap_to_pinned", mmap_to_pinned), ("pack_to_gpu", pack_to_gpu),
+             ("pack_to_pinned", pack_to_pinned)]
     paths += [(f"pread_pinned_{n}", pread_pinned(n)) for n in threads]
     paths += [(f"pread_ring_gpu_{n}", pread_ring_gpu(n)) for n in threads]
     for cold in (True, False):

@@ -8,6 +8,7 @@ from enum import Enum
 import torch
 from torch import nn
 
+from .file_reads import copy_to_device, file_range
 from .readahead import ahead
 
 
@@ -30,21 +31,34 @@ def device_copy(module: nn.Module, device: torch.device, dtype: torch.dtype | No
     try:
         named = list(module.named_parameters(remove_duplicate=False)) + \
             list(module.named_buffers(remove_duplicate=False))
-        copied = ahead(t for name, t in named if how(name) == Copy.DEVICE)  # the disk reads ahead of the copy
+        todo, seen = [], set()
         for name, t in named:
-            if id(t) in memo:
+            if id(t) in seen:
                 continue
+            seen.add(id(t))
             target = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+            where = torch.device(device_of(name) if device_of is not None else device)
             mode = how(name)
-            where = device_of(name) if device_of is not None else device
+            # bytes that go to the device as they are in a safetensors file are read from it by
+            # several threads through a pinned ring (file_reads); the rest is copied from memory
+            src = file_range(t) if mode == Copy.DEVICE and target == t.dtype else None
+            todo.append((t, target, where, mode, src))
+        reads: dict[torch.device, list] = {}
+        copied = ahead(t for t, _, _, mode, src in todo if mode == Copy.DEVICE and src is None)
+        for t, target, where, mode, src in todo:
             if mode == Copy.HOST:
                 moved = t
             elif mode == Copy.PLACEHOLDER:
                 moved = torch.empty(0, dtype=target, device=where)
+            elif src is not None:
+                moved = torch.empty(t.shape, dtype=target, device=where)
+                reads.setdefault(where, []).append((moved, *src))
             else:
-                next(copied, None)
+                next(copied, None)  # the disk reads ahead of the copy
                 moved = t.detach().to(device=where, dtype=target, copy=True)
             memo[id(t)] = nn.Parameter(moved, requires_grad=False) if isinstance(t, nn.Parameter) else moved
+        for jobs in reads.values():
+            copy_to_device(jobs)
         return copy.deepcopy(module, memo)
     except BaseException:
         memo.clear()

@@ -92,3 +92,99 @@ def read_into(jobs: Sequence[tuple[torch.Tensor, str, int]]) -> None:
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+CHUNK = 64 * 2**20  # bytes per pinned ring buffer
+RING = 4  # ring buffers: threads fill one while the GPU copies out of the others
+_WINDOW = 768 * 2**20  # bytes the kernel is asked to read ahead of the threads (cold files)
+_RING: list | None = None
+
+
+def _ring() -> list:
+    """RING host buffers (page-locked with CUDA), each with the event of the last copy out of it;
+    made once per process."""
+    global _RING
+    if _RING is None:
+        from .pinned_memory import host_buffer, pin
+
+        _RING = []
+        for _ in range(RING):
+            raw, buf = host_buffer(CHUNK)
+            _RING.append([pin(raw, buf, raw), None])  # kept for the process: owner is the allocation
+    return _RING
+
+
+def copy_to_device(jobs: Sequence[tuple[torch.Tensor, str, int]]) -> None:
+    """Fill each contiguous tensor `dst` (all on one device) with the file's bytes from `offset`
+    on, through the pinned ring: the thread pool reads one ring buffer while earlier ones are
+    copied to the GPU. Returns once every byte is read; on a GPU the copies are queued on the
+    device's current stream, so work queued after them on it sees them. (On a CPU the copies are
+    plain ones: the same code, testable anywhere.)"""
+    if not jobs:
+        return
+    device = jobs[0][0].device
+    assert all(dst.device == device for dst, _, _ in jobs), "one device per call"
+    ring = _ring()
+    cuda = device.type == "cuda"
+    stream = torch.cuda.current_stream(device) if cuda else None
+    fds: dict[str, int] = {}
+    spans = [(path, offset, dst.numel() * dst.element_size()) for dst, path, offset in jobs]
+    starts = [0]
+    for _, _, n in spans:
+        starts.append(starts[-1] + n)
+    adv = [0, 0]  # next span to advise, bytes of it advised
+
+    def advise(upto: int) -> None:
+        """Ask the kernel to read the jobs' bytes up to `upto` bytes in, in the background: on a cold
+        file the disk then streams one long sequential read while the threads copy from the cache."""
+        while adv[0] < len(spans) and starts[adv[0]] + adv[1] < upto:
+            path, offset, n = spans[adv[0]]
+            take = min(n - adv[1], upto - starts[adv[0]] - adv[1])
+            if path not in fds:
+                fds[path] = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fds[path], offset + adv[1], take, os.POSIX_FADV_WILLNEED)
+            adv[1] += take
+            if adv[1] == n:
+                adv[:] = [adv[0] + 1, 0]
+
+    k, fill, reads, copies, consumed = 0, 0, [], [], 0
+
+    def flush() -> None:
+        nonlocal k, fill, reads, copies
+        if not reads:
+            return
+        buf, _ = ring[k]
+        read_into(reads)
+        if not cuda:
+            for dst, lo, n in copies:
+                dst.copy_(buf[lo:lo + n])
+        else:
+            with torch.cuda.device(device), torch.cuda.stream(stream):
+                for dst, lo, n in copies:
+                    dst.copy_(buf[lo:lo + n], non_blocking=True)
+                ring[k][1] = torch.cuda.Event()
+                ring[k][1].record(stream)
+        k, fill, reads, copies = (k + 1) % len(ring), 0, [], []
+
+    try:
+        for (dst, path, offset), (_, _, total) in zip(jobs, spans):
+            flat = dst.reshape(-1).view(torch.uint8)
+            pos = 0
+            while pos < total:
+                if fill == 0:
+                    if hasattr(os, "posix_fadvise"):
+                        advise(consumed + _WINDOW)
+                    if ring[k][1] is not None:
+                        ring[k][1].synchronize()  # the last copy out of this buffer is done
+                take = min(total - pos, CHUNK - fill)
+                reads.append((ring[k][0][fill:fill + take], path, offset + pos))
+                copies.append((flat[pos:pos + take], fill, take))
+                fill += take
+                pos += take
+                consumed += take
+                if fill == CHUNK:
+                    flush()
+        flush()
+    finally:
+        for fd in fds.values():
+            os.close(fd)

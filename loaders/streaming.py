@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .file_reads import file_range, read_into
+from .file_reads import copy_to_device, file_range, read_into
 from .fp8_matmul import FP8, fp8_quantize
 from .pinned_memory import host_buffer, pin
 from .placement import N_BUFFERS
@@ -112,19 +112,27 @@ class HostBlock:
             self.sources = None
             self.host_bytes = stage
         else:
-            # Memory-mapped: copied tensor by tensor straight from the file mapping.
+            # Memory-mapped: read from the file through the pinned ring (file_reads) where the
+            # bytes are as stored, else copied tensor by tensor out of the file mapping.
             self.host = None
             self.sources = [tensors[e.name].detach() for e in self.entries]
+            self.file_ranges = [file_range(src) if src.dtype == e.dtype else None
+                                for e, src in zip(self.entries, self.sources)]
 
     def copy_into(self, stage: torch.Tensor, non_blocking: bool) -> None:
         if self.host is not None:
             stage[: self.stage_bytes].copy_(self.host, non_blocking=non_blocking)
             return
-        for src in self.sources:
-            will_need(src)  # one large read of the block instead of page-by-page faults
-        for e, src in zip(self.entries, self.sources):
-            view = stage[e.stage_off:e.stage_off + e.numel * e.dtype.itemsize].view(e.dtype).view(e.shape)
-            view.copy_(src.to(e.dtype) if src.dtype != e.dtype else src, non_blocking=non_blocking)
+        reads = []
+        for e, src, where in zip(self.entries, self.sources, self.file_ranges):
+            view = stage[e.stage_off:e.stage_off + e.numel * e.dtype.itemsize]
+            if where is not None:
+                reads.append((view, *where))
+                continue
+            will_need(src)  # one large read of the tensor instead of page-by-page faults
+            view.view(e.dtype).view(e.shape).copy_(src.to(e.dtype) if src.dtype != e.dtype else src,
+                                                   non_blocking=non_blocking)
+        copy_to_device(reads)
 
     def dequantize(self, stage: torch.Tensor, compute: torch.Tensor) -> None:
         """fp8 entries of `stage` -> bf16 in `compute` (on the current stream)."""

@@ -110,3 +110,43 @@ def same(a, b):
     assert va.keys() == vb.keys() == {"a.weight", "a.bias", "b.weight", "steps"}
     for k in va:
         assert torch.equal(va[k], vb[k]), k
+
+
+def test_copies_through_a_small_ring_split_and_join_tensors_across_its_buffers(weights, pack, monkeypatch):
+    from zimage_nodes.loaders import file_reads
+    from zimage_nodes.loaders.safetensors_file import SafetensorsFile
+
+    # 1000-byte buffers, two of them: the 12 kB weight spans many, small tensors share one
+    monkeypatch.setattr(file_reads, "CHUNK", 1000)
+    monkeypatch.setattr(file_reads, "RING", 2)
+    monkeypatch.setattr(file_reads, "_RING", None)
+    path, tensors = weights
+    f = SafetensorsFile(path)
+    names = ["a.bias", "a.weight", "steps", "b.weight"]
+    outs = [torch.full_like(tensors[n], 7) for n in names]
+    file_reads.copy_to_device([(o, *file_reads.file_range(f.get(n))) for o, n in zip(outs, names)])
+    for o, n in zip(outs, names):
+        assert torch.equal(o, tensors[n]), n
+
+
+def test_a_device_copy_reads_what_the_file_holds_as_is_and_converts_the_rest(weights, pack, monkeypatch):
+    from zimage_nodes.loaders import device_copy as dc
+    from zimage_nodes.loaders.safetensors_file import SafetensorsFile
+
+    jobs = []
+    real = dc.copy_to_device
+    monkeypatch.setattr(dc, "copy_to_device", lambda j: (jobs.extend(j), real(j)))
+    path, tensors = weights
+    f = SafetensorsFile(path)
+    m = nn.Module()
+    m.a = nn.Linear(48, 64)
+    m.a.weight = nn.Parameter(f.get("a.weight"), requires_grad=False)
+    m.a.bias = nn.Parameter(f.get("a.bias"), requires_grad=False)
+    m.register_buffer("steps", f.get("steps"))
+    out = dc.device_copy(m, torch.device("cpu"))
+    assert len(jobs) == 3 and torch.equal(out.a.weight, tensors["a.weight"]) and torch.equal(out.steps, tensors["steps"])
+    assert out.a.weight.data_ptr() != m.a.weight.data_ptr()
+    jobs.clear()
+    half = dc.device_copy(m, torch.device("cpu"), dtype=torch.bfloat16)
+    assert len(jobs) == 1  # the int64 buffer; the float32 weights were converted from the mapping
+    assert torch.equal(half.a.weight, tensors["a.weight"].bfloat16()) and half.steps.dtype == torch.int64

@@ -25,7 +25,6 @@ from loaders.pipeline_loading import load_parts  # noqa: E402
 from loaders.placement import Where  # noqa: E402
 from loaders.tiny_models import write_tiny_models  # noqa: E402
 
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

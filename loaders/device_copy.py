@@ -8,7 +8,7 @@ from enum import Enum
 import torch
 from torch import nn
 
-from .file_reads import copy_to_device, file_range
+from .file_reads import cached, copy_to_device, file_range
 from .readahead import ahead
 
 
@@ -39,9 +39,10 @@ def device_copy(module: nn.Module, device: torch.device, dtype: torch.dtype | No
             target = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
             where = torch.device(device_of(name) if device_of is not None else device)
             mode = how(name)
-            # bytes that go to the device as they are in a safetensors file are read from it by
-            # several threads through a pinned ring (file_reads); the rest is copied from memory
-            src = file_range(t) if mode == Copy.DEVICE and target == t.dtype else None
+            # bytes in the page cache that go to the device as they are in a safetensors file are
+            # read from it by several threads through a pinned ring (file_reads); the rest is
+            # copied out of the mapping, which reads a cold file from disk faster
+            src = file_range(t) if mode == Copy.DEVICE and target == t.dtype and cached(t) else None
             todo.append((t, target, where, mode, src))
         reads: dict[torch.device, list] = {}
         copied = ahead(t for t, _, _, mode, src in todo if mode == Copy.DEVICE and src is None)

@@ -25,6 +25,7 @@ def _libc():
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
         return libc
     except OSError:
         return None
@@ -39,6 +40,20 @@ def will_need(t: torch.Tensor) -> None:
     start = t.data_ptr() // _PAGE * _PAGE
     end = t.data_ptr() + t.numel() * t.element_size()
     _LIBC.madvise(start, end - start, _MADV_WILLNEED)
+
+
+def cached_fraction(t: torch.Tensor) -> float:
+    """How much of a memory-mapped tensor's bytes are in the page cache (1.0 where that can't be
+    asked: not Linux, not a CPU tensor)."""
+    if _LIBC is None or t.device.type != "cpu" or t.numel() == 0:
+        return 1.0
+    start = t.data_ptr() // _PAGE * _PAGE
+    end = t.data_ptr() + t.numel() * t.element_size()
+    pages = (end - start + _PAGE - 1) // _PAGE
+    vec = (ctypes.c_ubyte * pages)()
+    if _LIBC.mincore(start, end - start, vec) != 0:
+        return 1.0
+    return sum(b & 1 for b in bytes(vec)) / pages
 
 
 def ahead(tensors: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:

@@ -24,12 +24,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .file_reads import copy_to_device, file_range, read_into
+from .file_reads import cached, copy_to_device, file_range, read_into
 from .fp8_matmul import FP8, fp8_quantize
 from .pinned_memory import host_buffer, pin
 from .placement import N_BUFFERS
 from .readahead import will_need
 
+READ_AHEAD = 768 * 2**20  # bytes of mapped blocks the disk is asked to read ahead of their copies
 _ALIGN = 256  # byte alignment of every tensor inside a buffer (CUDA kernels like aligned rows)
 
 
@@ -126,13 +127,18 @@ class HostBlock:
         reads = []
         for e, src, where in zip(self.entries, self.sources, self.file_ranges):
             view = stage[e.stage_off:e.stage_off + e.numel * e.dtype.itemsize]
-            if where is not None:
+            if where is not None and cached(src):
                 reads.append((view, *where))
                 continue
             will_need(src)  # one large read of the tensor instead of page-by-page faults
             view.view(e.dtype).view(e.shape).copy_(src.to(e.dtype) if src.dtype != e.dtype else src,
                                                    non_blocking=non_blocking)
         copy_to_device(reads)
+
+    def advise(self) -> None:
+        """Start the disk reading this block, if it is copied out of the file mapping."""
+        for src in self.sources or ():
+            will_need(src)
 
     def dequantize(self, stage: torch.Tensor, compute: torch.Tensor) -> None:
         """fp8 entries of `stage` -> bf16 in `compute` (on the current stream)."""
@@ -215,6 +221,10 @@ class BlockStreamer:
         # one dequantisation buffer: blocks run one after another on the compute stream
         self.compute = torch.empty(compute_bytes, dtype=torch.uint8, device=self.device) if fp8 else None
         self.index = {id(m): i for i, (m, _) in enumerate(self.blocks)}
+        # Blocks copied out of the file mapping have the disk read them this many blocks ahead of
+        # their copy (about READ_AHEAD bytes): one long read instead of one per block.
+        per_block = max(h.stage_bytes for _, h in self.blocks)
+        self.read_ahead = max(1, READ_AHEAD // per_block) if any(h.sources for _, h in self.blocks) else 0
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
             self.copied = [torch.cuda.Event() for _ in range(self.n)]
@@ -252,6 +262,8 @@ class BlockStreamer:
     # -- internals -------------------------------------------------------------------------
     def _issue(self, pos: int, slot: int) -> None:
         _, host = self.blocks[pos]
+        if self.read_ahead:
+            self.blocks[(pos + self.read_ahead) % len(self.blocks)][1].advise()
         if self.cuda:
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(self.freed[slot])
@@ -271,6 +283,8 @@ class BlockStreamer:
             for ev in self.freed:
                 ev.record(torch.cuda.current_stream(self.device))
         self._pending.clear()
+        for k in range(self.read_ahead):
+            self.blocks[(pos + k) % len(self.blocks)][1].advise()
         for k in range(self.n):
             self._issue((pos + k) % len(self.blocks), k)
         self._next = pos

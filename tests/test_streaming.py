@@ -64,6 +64,24 @@ def test_each_streamed_block_is_copied_once_per_step_through_a_fixed_pool(parts)
     assert len(s.stage) == 0  # closed after the run: the buffers are gone
 
 
+def test_blocks_copied_out_of_the_mapping_are_read_ahead_of_their_copy(parts, monkeypatch):
+    from zimage_nodes.loaders import streaming
+
+    monkeypatch.setattr(streaming, "READ_AHEAD", 1)  # one block ahead, whatever the block size
+    advised, copied = [], []
+    monkeypatch.setattr(streaming.HostBlock, "advise", lambda self: advised.append(self.name))
+    real = streaming.HostBlock.copy_into
+    monkeypatch.setattr(streaming.HostBlock, "copy_into",
+                        lambda self, *a, **k: (copied.append(self.name), real(self, *a, **k))[1])
+    use_plan(parts, ["mapped", "mapped", "gpu", "mapped"])
+    run(parts, steps=2)
+    assert parts.transformer.last_streamer.read_ahead == 1
+    # every copy of a block came after the disk was asked to read it
+    for i, name in enumerate(copied):
+        assert name in advised[: i + 2], (name, advised, copied)
+    assert set(advised) == set(copied) and len(set(copied)) == 3
+
+
 def test_fp8_storage_stays_close_to_bf16(parts):
     reference = run(parts)
     use_plan(parts, ["pinned"] * 4, storage="fp8")

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .file_reads import cached, copy_to_device, file_range, read_into
-from .fp8_matmul import FP8, fp8_quantize
+from .fp8_matmul import FP8, dequantize_into, fp8_quantize
 from .pinned_memory import host_buffer, pin
 from .placement import N_BUFFERS
 from .readahead import will_need
@@ -147,8 +147,7 @@ class HostBlock:
                 w8 = stage[e.stage_off:e.stage_off + e.numel].view(FP8).view(e.shape)
                 scale = stage[e.scale_off:e.scale_off + e.shape[0] * 4].view(torch.float32)
                 t = compute[e.compute_off:e.compute_off + e.numel * e.dtype.itemsize].view(e.dtype).view(e.shape)
-                t.copy_(w8)  # exact: every e4m3 value is a bf16 value
-                t.mul_(scale[:, None])
+                dequantize_into(w8, scale, t)
 
     def bound_names(self) -> list[tuple[str, torch.dtype]]:
         """(name, dtype) of every tensor `views` binds into the block."""

@@ -29,6 +29,7 @@ from full_size_files import OUT, TOKENIZER, WORK, write  # noqa: E402  (also put
 from smi_peak import SmiPeak  # noqa: E402
 
 from loaders.fused_norms import use_plain_norms  # noqa: E402
+from loaders.real_rope import use_complex_rope  # noqa: E402
 from loaders.generation import decode, denoise  # noqa: E402
 from loaders.pipeline_loading import load_parts  # noqa: E402
 from loaders.placement import GiB, Storage, plan_memory  # noqa: E402
@@ -146,7 +147,8 @@ def run_diffusers(parts, pos, ctx, total):
     torch.cuda.set_per_process_memory_fraction(1.0)
     parts.release()
     tr = parts.transformer.component.module
-    use_plain_norms(tr)  # diffusers as it ships, not with the pack's fused norms
+    use_plain_norms(tr)  # diffusers as it ships, not with the pack's fused norms and real RoPE
+    use_complex_rope(tr)
     vae = parts.vae.component.module.to(torch.bfloat16)
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     pipe = ZImagePipeline(scheduler=sched, vae=vae, text_encoder=parts.text_encoder.component.module,

@@ -18,6 +18,7 @@ from torch import nn
 from . import key_names, model_detection
 from .errors import ZImageError
 from .fused_norms import use_fused_norms
+from .real_rope import use_real_rope
 from .weight_source import WeightSource
 
 Resolver = Callable[[str], tuple[str, Callable[[torch.Tensor], torch.Tensor]]]
@@ -134,6 +135,7 @@ def load_transformer(path: str, dtype: torch.dtype = torch.bfloat16) -> LoadedCo
             module = ZImageTransformer2DModel(**config)
         _fill(module, src, resolve, dtype, fix)
         use_fused_norms(module)
+        use_real_rope(module)
         return LoadedComponent(_finish(module, "transformer"), config, src.where,
                                "original" if original else "diffusers", _source_dtype(src))
     finally:

@@ -7,10 +7,13 @@ its matrix products. `torch.nn.functional.rms_norm` does the same math (float32 
 """
 from __future__ import annotations
 
+import functools
+
 import torch.nn.functional as F
 from torch import nn
 
 
+@functools.cache
 def _rms_norm_class():
     from diffusers.models.normalization import RMSNorm
 

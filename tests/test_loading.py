@@ -116,6 +116,32 @@ def test_transformer_norms_run_fused_and_match_diffusers_own(tiny, pack):
     torch.testing.assert_close(fused, norms[0](x), atol=1e-6, rtol=1e-5)
 
 
+def test_attention_rotates_on_real_numbers_bit_for_bit_like_diffusers_complex_product(tiny, pack):
+    from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
+
+    from zimage_nodes.loaders.component_loading import load_transformer
+    from zimage_nodes.loaders.real_rope import rotate, use_complex_rope
+
+    t = load_transformer(tiny["transformer"], torch.bfloat16).module
+    procs = [m.processor for m in t.modules() if getattr(m, "processor", None) is not None]
+    assert procs and all(type(p).__name__ == "RealRopeAttnProcessor" for p in procs)
+    torch.manual_seed(0)
+    x = torch.randn(1, 9, 2, 16, dtype=torch.bfloat16)
+    freqs = torch.polar(torch.ones(1, 9, 8), torch.randn(1, 9, 8))
+    ref = torch.view_as_real(torch.view_as_complex(x.float().reshape(1, 9, 2, 8, 2)) * freqs.unsqueeze(2))
+    assert torch.equal(rotate(x, freqs), ref.flatten(3).type_as(x))
+    # the whole model, same seed, same bits with diffusers' own processor
+    lat = torch.randn(1, 16, 1, 8, 8, dtype=torch.bfloat16)
+    cap = [torch.randn(5, t.config.cap_feat_dim, dtype=torch.bfloat16)]
+    step = torch.tensor([0.3])
+    with torch.no_grad():
+        ours = t(list(lat), step, cap, return_dict=False)[0][0]
+        use_complex_rope(t)
+        assert all(type(p) is ZSingleStreamAttnProcessor for p in procs)
+        theirs = t(list(lat), step, cap, return_dict=False)[0][0]
+    assert torch.equal(ours, theirs)
+
+
 def test_loading_the_same_files_again_reuses_their_mapped_components(tiny, pack):
     import os
 

@@ -48,14 +48,13 @@ def fused_dequantize_check() -> bool:
     """The fp8 storage's fused dequantisation (compiled on a GPU) gives the eager bits."""
     from loaders.fp8_matmul import _dequantize, dequantize_into, fp8_quantize
 
-    ok = True
-    for shape in ((3840, 3840), (10240, 3840), (64, 48)):  # several shapes: one dynamic graph
-        w8, scale = fp8_quantize(torch.randn(shape, device=DEVICE))
-        a, b = (torch.empty(shape, dtype=torch.bfloat16, device=DEVICE) for _ in range(2))
-        dequantize_into(w8, scale, a)
-        _dequantize(w8, scale, b)
-        ok &= bool(torch.equal(a, b))
-    return ok
+    shapes = ((3840, 3840), (10240, 3840), (64, 48))  # several shapes in one call
+    w8s, scales = zip(*(fp8_quantize(torch.randn(shape, device=DEVICE)) for shape in shapes))
+    a = [torch.empty(shape, dtype=torch.bfloat16, device=DEVICE) for shape in shapes]
+    b = [torch.empty(shape, dtype=torch.bfloat16, device=DEVICE) for shape in shapes]
+    dequantize_into(list(w8s), list(scales), a)
+    _dequantize(list(w8s), list(scales), b)
+    return all(bool(torch.equal(x, y)) for x, y in zip(a, b))
 
 
 def main():

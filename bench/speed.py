@@ -26,10 +26,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from full_size_files import OUT, TOKENIZER, WORK, write  # noqa: E402  (also puts the repo on sys.path)
 
 from loaders.fused_norms import use_plain_norms  # noqa: E402
-from loaders.real_rope import use_complex_rope  # noqa: E402
 from loaders.generation import decode, denoise  # noqa: E402
 from loaders.pipeline_loading import load_parts  # noqa: E402
 from loaders.placement import GiB, Matmul, plan_memory  # noqa: E402
+from loaders.real_rope import use_complex_rope  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 STEPS, RES = (9, 1024) if CUDA else (2, 64)

@@ -29,10 +29,10 @@ from full_size_files import OUT, TOKENIZER, WORK, write  # noqa: E402  (also put
 from smi_peak import SmiPeak  # noqa: E402
 
 from loaders.fused_norms import use_plain_norms  # noqa: E402
-from loaders.real_rope import use_complex_rope  # noqa: E402
 from loaders.generation import decode, denoise  # noqa: E402
 from loaders.pipeline_loading import load_parts  # noqa: E402
 from loaders.placement import GiB, Storage, plan_memory  # noqa: E402
+from loaders.real_rope import use_complex_rope  # noqa: E402
 
 QUICK = os.environ.get("QUICK") == "1"
 STEPS, RES = 9, int(os.environ.get("RES", 1024))

@@ -27,19 +27,21 @@ def fp8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w32 / scale[:, None]).to(FP8), scale
 
 
-def _dequantize(w8: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
-    # float32 product rounded once to the output dtype: the same bits however it is run
-    out.copy_(w8.to(torch.float32) * scale[:, None])
+def _dequantize(w8s: list[torch.Tensor], scales: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
+    # float32 products rounded once to the output dtype: the same bits however it is run
+    for w8, scale, out in zip(w8s, scales, outs):
+        out.copy_(w8.to(torch.float32) * scale[:, None])
 
 
 _FUSED: list = []  # [compiled _dequantize] once made, [None] where compiling is not possible
 
 
-def dequantize_into(w8: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
-    """`out` (bf16) = fp8 `w8` x per-row `scale`. On a GPU one fused kernel (torch.compile, one
-    graph for every shape): eager PyTorch takes two passes over the bf16 result and was 3x the
-    memory traffic, enough to slow every streamed fp8 block. Without Triton, or on a CPU, eager."""
-    if w8.device.type == "cuda":
+def dequantize_into(w8s: list[torch.Tensor], scales: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
+    """Each `out` (bf16) = fp8 `w8` x its per-row `scale`: a block's matrices in one call. On a GPU,
+    one fused kernel per matrix (torch.compile, one graph for every block of the same shapes):
+    eager PyTorch takes two passes over each bf16 result, 3x the memory traffic, and that slowed
+    every streamed fp8 block. Without Triton, or on a CPU, eager."""
+    if w8s and w8s[0].device.type == "cuda":
         if not _FUSED:
             try:
                 _FUSED.append(torch.compile(_dequantize, dynamic=True, fullgraph=True))
@@ -47,11 +49,11 @@ def dequantize_into(w8: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) ->
                 _FUSED.append(None)
         if _FUSED[0] is not None:
             try:
-                _FUSED[0](w8, scale, out)
+                _FUSED[0](w8s, scales, outs)
                 return
             except Exception:  # noqa: BLE001  (e.g. no Triton: fall back once and for all)
                 _FUSED[0] = None
-    _dequantize(w8, scale, out)
+    _dequantize(w8s, scales, outs)
 
 
 class Fp8Linear(nn.Module):

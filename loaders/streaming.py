@@ -142,12 +142,14 @@ class HostBlock:
 
     def dequantize(self, stage: torch.Tensor, compute: torch.Tensor) -> None:
         """fp8 entries of `stage` -> bf16 in `compute` (on the current stream)."""
+        w8s, scales, outs = [], [], []
         for e in self.entries:
             if e.stage_dtype == FP8:
-                w8 = stage[e.stage_off:e.stage_off + e.numel].view(FP8).view(e.shape)
-                scale = stage[e.scale_off:e.scale_off + e.shape[0] * 4].view(torch.float32)
-                t = compute[e.compute_off:e.compute_off + e.numel * e.dtype.itemsize].view(e.dtype).view(e.shape)
-                dequantize_into(w8, scale, t)
+                w8s.append(stage[e.stage_off:e.stage_off + e.numel].view(FP8).view(e.shape))
+                scales.append(stage[e.scale_off:e.scale_off + e.shape[0] * 4].view(torch.float32))
+                nbytes = e.numel * e.dtype.itemsize
+                outs.append(compute[e.compute_off:e.compute_off + nbytes].view(e.dtype).view(e.shape))
+        dequantize_into(w8s, scales, outs)
 
     def bound_names(self) -> list[tuple[str, torch.dtype]]:
         """(name, dtype) of every tensor `views` binds into the block."""

@@ -8,7 +8,7 @@ from enum import Enum
 import torch
 from torch import nn
 
-from .file_reads import cached, copy_to_device, file_range
+from .file_reads import Prefetch, cached, copy_to_device, file_range
 from .readahead import ahead
 
 
@@ -41,23 +41,34 @@ def device_copy(module: nn.Module, device: torch.device, dtype: torch.dtype | No
             mode = how(name)
             # bytes in the page cache that go to the device as they are in a safetensors file are
             # read from it by several threads through a pinned ring (file_reads); the rest is
-            # copied out of the mapping, which reads a cold file from disk faster
-            src = file_range(t) if mode == Copy.DEVICE and target == t.dtype and cached(t) else None
-            todo.append((t, target, where, mode, src))
+            # copied out of the mapping, with a cold file read ahead in order by a Prefetch thread
+            fr = file_range(t) if mode == Copy.DEVICE else None
+            src = fr if fr is not None and target == t.dtype and cached(t) else None
+            todo.append((t, target, where, mode, src, fr))
         reads: dict[torch.device, list] = {}
-        copied = ahead(t for t, _, _, mode, src in todo if mode == Copy.DEVICE and src is None)
-        for t, target, where, mode, src in todo:
-            if mode == Copy.HOST:
-                moved = t
-            elif mode == Copy.PLACEHOLDER:
-                moved = torch.empty(0, dtype=target, device=where)
-            elif src is not None:
-                moved = torch.empty(t.shape, dtype=target, device=where)
-                reads.setdefault(where, []).append((moved, *src))
-            else:
-                next(copied, None)  # the disk reads ahead of the copy
-                moved = t.detach().to(device=where, dtype=target, copy=True)
-            memo[id(t)] = nn.Parameter(moved, requires_grad=False) if isinstance(t, nn.Parameter) else moved
+        mapped = [(t, fr) for t, _, _, mode, src, fr in todo if mode == Copy.DEVICE and src is None]
+        copied = ahead(t for t, fr in mapped if fr is None)
+        spans = [(*fr, t.numel() * t.element_size()) for t, fr in mapped if fr is not None]
+        prefetch = Prefetch(spans) if any(fr is not None and not cached(t) for t, fr in mapped) else None
+        try:
+            for t, target, where, mode, src, fr in todo:
+                if mode == Copy.HOST:
+                    moved = t
+                elif mode == Copy.PLACEHOLDER:
+                    moved = torch.empty(0, dtype=target, device=where)
+                elif src is not None:
+                    moved = torch.empty(t.shape, dtype=target, device=where)
+                    reads.setdefault(where, []).append((moved, *src))
+                else:
+                    if fr is None:
+                        next(copied, None)  # the disk reads ahead of the copy
+                    moved = t.detach().to(device=where, dtype=target, copy=True)
+                    if fr is not None and prefetch is not None:
+                        prefetch.done(t.numel() * t.element_size())
+                memo[id(t)] = nn.Parameter(moved, requires_grad=False) if isinstance(t, nn.Parameter) else moved
+        finally:
+            if prefetch is not None:
+                prefetch.close()
         for jobs in reads.values():
             copy_to_device(jobs)
         return copy.deepcopy(module, memo)

@@ -196,3 +196,63 @@ def copy_to_device(jobs: Sequence[tuple[torch.Tensor, str, int]]) -> None:
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+class Prefetch:
+    """A background thread reading byte ranges of files in order, 64 MiB per `pread`, at most
+    `lead` bytes ahead of what the consumer reports done (`done`): a cold file then streams from
+    disk at the rate of one long sequential read while the consumer copies what is already in
+    the page cache. (Copying out of the mapping alone, with `madvise` ahead, read at 65-80% of
+    that rate in the loader on the H100 machine.) `close()` stops it; use it as a context manager."""
+
+    _STEP = 64 * 2**20
+
+    def __init__(self, ranges: Sequence[tuple[str, int, int]], lead: int = 2 * 2**30):
+        self.ranges, self.lead = [r for r in ranges if r[2] > 0], lead
+        self.consumed = self.read = 0
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="zimage-prefetch", daemon=True)
+        self._thread.start()
+
+    def done(self, nbytes: int) -> None:
+        with self._cond:
+            self.consumed += nbytes
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join()
+
+    def __enter__(self) -> "Prefetch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _run(self) -> None:
+        scratch = bytearray(self._STEP)
+        fds: dict[str, int] = {}
+        try:
+            for path, offset, n in self.ranges:
+                if path not in fds:
+                    fds[path] = os.open(path, os.O_RDONLY)
+                pos = 0
+                while pos < n:
+                    with self._cond:
+                        while not self._stop and self.read - self.consumed > self.lead:
+                            self._cond.wait()
+                        if self._stop:
+                            return
+                    got = os.preadv(fds[path], [memoryview(scratch)[:min(self._STEP, n - pos)]], offset + pos)
+                    if got <= 0:
+                        return  # past the end: the consumer's own read reports it
+                    pos += got
+                    self.read += got
+        except OSError:
+            pass  # only a hint: the consumer reads the bytes itself either way
+        finally:
+            for fd in fds.values():
+                os.close(fd)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .file_reads import cached, copy_to_device, file_range, read_into
+from .file_reads import Prefetch, cached, copy_to_device, file_range, read_into
 from .fp8_matmul import FP8, dequantize_into, fp8_quantize
 from .pinned_memory import host_buffer, pin
 from .placement import N_BUFFERS
@@ -88,6 +88,7 @@ class HostBlock:
         self.quantized = storage == "fp8"
         self.dequantized = self.quantized and not fp8_matmul  # fp8 in RAM, bf16 for compute
         self.host_bytes = 0  # bytes this copy holds in host RAM (0 when it reads the mapped file)
+        self.spans: list[tuple[str, int, int]] = []
         if pinned or self.quantized:
             # One contiguous host buffer: a single copy per block, at full PCIe speed when pinned.
             # Filled first (tensors as they are in the file read straight from it by several
@@ -117,8 +118,11 @@ class HostBlock:
             # bytes are as stored, else copied tensor by tensor out of the file mapping.
             self.host = None
             self.sources = [tensors[e.name].detach() for e in self.entries]
-            self.file_ranges = [file_range(src) if src.dtype == e.dtype else None
-                                for e, src in zip(self.entries, self.sources)]
+            ranges = [file_range(src) for src in self.sources]
+            self.file_ranges = [r if src.dtype == e.dtype else None
+                                for e, src, r in zip(self.entries, self.sources, ranges)]
+            self.spans = [(*r, src.numel() * src.element_size()) for src, r in zip(self.sources, ranges)
+                          if r is not None]  # what a Prefetch reads for this block
 
     def copy_into(self, stage: torch.Tensor, non_blocking: bool) -> None:
         if self.host is not None:
@@ -237,6 +241,8 @@ class BlockStreamer:
             self._placeholders[id(m)] = {n: torch.empty(0, dtype=dt, device=self.device) for n, dt in names}
             self._slots[id(m)] = Slots(m, [n for n, _ in names])
         self._handles: list = []
+        self._prefetch: Prefetch | None = None
+        self._prefetch_left = 0
         self._pending: dict[int, int] = {}  # block position -> buffer slot holding (or receiving) it
         self._next = 0  # position of the block expected to run next
         self.copies = 0  # blocks copied since attach (for tests)
@@ -253,6 +259,7 @@ class BlockStreamer:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._end_prefetch()
         if self.cuda:
             torch.cuda.synchronize(self.device)
         for m, _ in self.blocks:  # a block that failed mid-forward still points into a buffer
@@ -263,7 +270,12 @@ class BlockStreamer:
     # -- internals -------------------------------------------------------------------------
     def _issue(self, pos: int, slot: int) -> None:
         _, host = self.blocks[pos]
-        if self.read_ahead:
+        if self._prefetch is not None:
+            self._prefetch.done(sum(n for _, _, n in host.spans))
+            self._prefetch_left -= 1
+            if self._prefetch_left == 0:
+                self._end_prefetch()
+        elif self.read_ahead:
             self.blocks[(pos + self.read_ahead) % len(self.blocks)][1].advise()
         if self.cuda:
             with torch.cuda.stream(self.copy_stream):
@@ -284,11 +296,23 @@ class BlockStreamer:
             for ev in self.freed:
                 ev.record(torch.cuda.current_stream(self.device))
         self._pending.clear()
-        for k in range(self.read_ahead):
-            self.blocks[(pos + k) % len(self.blocks)][1].advise()
+        self._end_prefetch()
+        order = [self.blocks[(pos + k) % len(self.blocks)][1] for k in range(len(self.blocks))]
+        if order[0].sources and not cached(order[0].sources[0]):
+            # a cold file: one cycle of the blocks read in call order by a background thread
+            self._prefetch = Prefetch([span for h in order for span in h.spans], lead=2 * READ_AHEAD)
+            self._prefetch_left = len(order)
+        else:
+            for h in order[:self.read_ahead]:
+                h.advise()
         for k in range(self.n):
             self._issue((pos + k) % len(self.blocks), k)
         self._next = pos
+
+    def _end_prefetch(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.close()
+            self._prefetch = None
 
     def _unbind(self, module: nn.Module) -> None:
         self._slots[id(module)].bind(self._placeholders[id(module)])

@@ -3,6 +3,9 @@ copying out of the file mapping: the bytes found, and the blocks built from them
 from __future__ import annotations
 
 import gc
+import os
+import threading
+import time
 
 import pytest
 import torch
@@ -150,3 +153,66 @@ def test_a_device_copy_reads_what_the_file_holds_as_is_and_converts_the_rest(wei
     half = dc.device_copy(m, torch.device("cpu"), dtype=torch.bfloat16)
     assert len(jobs) == 1  # the int64 buffer; the float32 weights were converted from the mapping
     assert torch.equal(half.a.weight, tensors["a.weight"].bfloat16()) and half.steps.dtype == torch.int64
+
+
+def _evict(path):
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+
+
+@pytest.fixture
+def cold_file(tmp_path):
+    path = str(tmp_path / "cold.bin")
+    with open(path, "wb") as f:
+        f.write(os.urandom(4 * 2**20))
+    _evict(path)
+    return path
+
+
+def test_prefetch_reads_ahead_in_order_no_further_than_its_lead(cold_file, pack, monkeypatch):
+    import mmap
+
+    from zimage_nodes.loaders import file_reads
+    from zimage_nodes.loaders.readahead import cached_fraction
+
+    with open(cold_file, "rb") as f:
+        view = torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=torch.uint8)
+    if cached_fraction(view) > 0.1:
+        pytest.skip("this filesystem keeps the file cached after posix_fadvise(DONTNEED)")
+    monkeypatch.setattr(file_reads.Prefetch, "_STEP", 2**20)
+    mib = 2**20
+    p = file_reads.Prefetch([(cold_file, 2 * mib, 2 * mib), (cold_file, 0, mib)], lead=0)
+    deadline = time.time() + 10
+    while p.read < mib and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert p.read == mib  # one step, then it waits for the consumer
+    p.done(3 * mib)  # the consumer caught up: it reads the rest
+    while p.read < 3 * mib and time.time() < deadline:
+        time.sleep(0.01)
+    p.close()
+    assert p.read == 3 * mib
+    assert cached_fraction(view[2 * mib:4 * mib]) == 1.0 and cached_fraction(view[:mib]) == 1.0
+
+
+def test_a_cold_file_is_prefetched_while_its_tensors_are_copied(weights, pack, monkeypatch):
+    from zimage_nodes.loaders import device_copy as dc
+    from zimage_nodes.loaders.safetensors_file import SafetensorsFile
+
+    made = []
+    real = dc.Prefetch
+    monkeypatch.setattr(dc, "Prefetch", lambda spans: made.append(real(spans)) or made[-1])
+    path, tensors = weights
+    _evict(path)
+    f = SafetensorsFile(path)
+    m = nn.Module()
+    m.register_buffer("w", f.get("a.weight"))
+    m.register_buffer("b", f.get("b.weight"))
+    cold = not dc.cached(m.w)
+    out = dc.device_copy(m, torch.device("cpu"))
+    assert torch.equal(out.w, tensors["a.weight"]) and torch.equal(out.b, tensors["b.weight"])
+    if cold:  # a cold file is copied out of the mapping, a Prefetch thread reading ahead
+        assert len(made) == 1 and made[0].consumed == sum(t.numel() * 4 for t in (m.w, m.b))
+    assert not [t for t in threading.enumerate() if t.name == "zimage-prefetch"]

@@ -130,6 +130,9 @@ def test_attention_rotates_on_real_numbers_bit_for_bit_like_diffusers_complex_pr
     freqs = torch.polar(torch.ones(1, 9, 8), torch.randn(1, 9, 8))
     ref = torch.view_as_real(torch.view_as_complex(x.float().reshape(1, 9, 2, 8, 2)) * freqs.unsqueeze(2))
     assert torch.equal(rotate(x, freqs), ref.flatten(3).type_as(x))
+    # the form torch.compile sees: on real numbers, same bits
+    compiled = torch.compile(rotate, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x, freqs), ref.flatten(3).type_as(x))
     # the whole model, same seed, same bits with diffusers' own processor
     lat = torch.randn(1, 16, 1, 8, 8, dtype=torch.bfloat16)
     cap = [torch.randn(5, t.config.cap_feat_dim, dtype=torch.bfloat16)]

@@ -366,9 +366,8 @@ def plan_memory(sizes: ModelSizes, device: torch.device | str, budget_gb: float 
         if not streamed:
             return 0
         staging = min(N_BUFFERS, len(streamed)) * max(stage(i, w) for i, w in streamed)
-        # fp8-stored blocks are dequantised into two shared bf16 buffers (one for the block
-        # running, one for the next)
-        fp8_compute = 2 * max(blocks[i] for i, w in streamed if w == Where.PINNED) \
+        # fp8-stored blocks are dequantised into one shared bf16 buffer right before they run
+        fp8_compute = max(blocks[i] for i, w in streamed if w == Where.PINNED) \
             if dequantised and any(w == Where.PINNED for _, w in streamed) else 0
         return staging + fp8_compute
 

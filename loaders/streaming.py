@@ -10,12 +10,11 @@ On a CPU device the same engine runs with synchronous copies, so its logic is te
 
 Storage: "bf16" copies weights as they are; "fp8" keeps each streamed matrix in float8_e4m3fn
 with one float32 scale per output row (per-row absmax / 448): half the bytes over PCIe. It is
-dequantised (one fused kernel per matrix) on a stream of its own while the block before it
-computes, into one of two bf16 buffers that every streamed block shares: the copy stream only
-copies (kernels queued there waited for SMs the blocks were using and held up the next copy),
-and two buffers instead of one per slot leave room for more resident blocks. When the blocks
-multiply in fp8 themselves (`fp8_matmul.Fp8Linear`), the fp8 weights and their scales are bound
-as they arrived.
+dequantised on the compute stream, right before its block runs, into one bf16 buffer that every
+streamed block shares: the copy stream then only copies (kernels queued there waited for SMs the
+blocks were using and held up the next copy), and one buffer instead of one per slot leaves room
+for more resident blocks. When the blocks multiply in fp8 themselves (`fp8_matmul.Fp8Linear`),
+the fp8 weights and their scales are bound as they arrived.
 """
 from __future__ import annotations
 
@@ -224,12 +223,8 @@ class BlockStreamer:
         self.stage = [torch.empty(stage_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.n)]
         fp8 = any(h.dequantized for _, h in self.blocks)
         compute_bytes = max(h.compute_bytes for _, h in self.blocks)
-        # two dequantisation buffers: the next streamed block is dequantised on a stream of its own
-        # while the current one computes (memory-bound work beside compute-bound GEMMs)
-        self.compute = [torch.empty(compute_bytes, dtype=torch.uint8, device=self.device)
-                        for _ in range(2)] if fp8 else None
-        self._dq: dict[int, int] = {}  # block position -> dequantisation buffer holding it
-        self._dq_next = 0
+        # one dequantisation buffer: blocks run one after another on the compute stream
+        self.compute = torch.empty(compute_bytes, dtype=torch.uint8, device=self.device) if fp8 else None
         self.index = {id(m): i for i, (m, _) in enumerate(self.blocks)}
         # Blocks copied out of the file mapping have the disk read them this many blocks ahead of
         # their copy (about READ_AHEAD bytes): one long read instead of one per block.
@@ -239,9 +234,6 @@ class BlockStreamer:
             self.copy_stream = torch.cuda.Stream(self.device)
             self.copied = [torch.cuda.Event() for _ in range(self.n)]
             self.freed = [torch.cuda.Event() for _ in range(self.n)]
-            self.dq_stream = torch.cuda.Stream(self.device)
-            self.dequantized = [torch.cuda.Event() for _ in range(2)]
-            self.dq_free = [torch.cuda.Event() for _ in range(2)]
         self._placeholders: dict[int, dict[str, torch.Tensor]] = {}
         self._slots: dict[int, Slots] = {}
         for m, h in self.blocks:
@@ -301,11 +293,9 @@ class BlockStreamer:
         if self.cuda:
             torch.cuda.current_stream(self.device).synchronize()
             self.copy_stream.synchronize()
-            self.dq_stream.synchronize()
-            for ev in self.freed + self.dq_free:
+            for ev in self.freed:
                 ev.record(torch.cuda.current_stream(self.device))
         self._pending.clear()
-        self._dq.clear()
         self._end_prefetch()
         order = [self.blocks[(pos + k) % len(self.blocks)][1] for k in range(len(self.blocks))]
         if order[0].sources and not cached(order[0].sources[0]):
@@ -332,47 +322,19 @@ class BlockStreamer:
         if pos != self._next or pos not in self._pending:
             self._restart(pos)
         slot = self._pending[pos]
-        _, host = self.blocks[pos]
-        compute = None
-        if host.dequantized:
-            buf = self._dequantize(pos)
-            compute = self.compute[buf]
-            if self.cuda:
-                torch.cuda.current_stream(self.device).wait_event(self.dequantized[buf])
-            nxt = (pos + 1) % len(self.blocks)
-            if nxt != pos and nxt in self._pending and self.blocks[nxt][1].dequantized:
-                self._dequantize(nxt)  # the next streamed block, while this one computes
-        elif self.cuda:
-            torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
-        self._slots[id(module)].bind(host.views(self.stage[slot], compute))
-
-    def _dequantize(self, pos: int) -> int:
-        """Dequantise block `pos` (copied or being copied) into a free buffer, on the dequantisation
-        stream; returns the buffer. Its stage slot stays untouched until the block has run."""
-        if pos in self._dq:
-            return self._dq[pos]
-        buf, self._dq_next = self._dq_next, 1 - self._dq_next
-        slot, (_, host) = self._pending[pos], self.blocks[pos]
         if self.cuda:
-            with torch.cuda.stream(self.dq_stream):
-                self.dq_stream.wait_event(self.copied[slot])
-                self.dq_stream.wait_event(self.dq_free[buf])  # the block that used it last has run
-                host.dequantize(self.stage[slot], self.compute[buf])
-                self.dequantized[buf].record(self.dq_stream)
-        else:
-            host.dequantize(self.stage[slot], self.compute[buf])
-        self._dq[pos] = buf
-        return buf
+            torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
+        _, host = self.blocks[pos]
+        if host.dequantized:
+            host.dequantize(self.stage[slot], self.compute)
+        self._slots[id(module)].bind(host.views(self.stage[slot], self.compute))
 
     def _after(self, module: nn.Module, args, output) -> None:
         pos = self.index[id(module)]
         slot = self._pending.pop(pos)
-        buf = self._dq.pop(pos, None)
         self._unbind(module)
         if self.cuda:
             self.freed[slot].record(torch.cuda.current_stream(self.device))
-            if buf is not None:
-                self.dq_free[buf].record(torch.cuda.current_stream(self.device))
         nxt = (pos + self.n) % len(self.blocks)
         self._issue(nxt, slot)
         self._next = (pos + 1) % len(self.blocks)

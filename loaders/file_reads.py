@@ -53,9 +53,13 @@ def register_mapping(m: mmap.mmap, path: str) -> None:
     weakref.finalize(m, _MAPPINGS.pop, start, None)
 
 
+_CAN_READ = hasattr(os, "preadv")  # not on Windows: there every byte is copied out of the mapping
+
+
 def file_range(t: torch.Tensor) -> tuple[str, int] | None:
-    """(path, byte offset) of the bytes of `t`, if it is a contiguous view of a live file mapping."""
-    if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
+    """(path, byte offset) of the bytes of `t`, if it is a contiguous view of a live file mapping
+    (and this platform has `preadv`)."""
+    if not _CAN_READ or t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
         return None
     ptr, n = t.data_ptr(), t.numel() * t.element_size()
     for start, (end, path, ref) in list(_MAPPINGS.items()):

@@ -217,3 +217,20 @@ def test_a_cold_file_is_prefetched_while_its_tensors_are_copied(weights, pack, m
     if cold:  # a cold file is copied out of the mapping, a Prefetch thread reading ahead
         assert len(made) == 1 and made[0].consumed == sum(t.numel() * 4 for t in (m.w, m.b))
     assert not [t for t in threading.enumerate() if t.name == "zimage-prefetch"]
+
+
+def test_without_preadv_every_byte_is_copied_out_of_the_mapping(weights, pack, monkeypatch):
+    from zimage_nodes.loaders import file_reads
+    from zimage_nodes.loaders.device_copy import device_copy
+    from zimage_nodes.loaders.safetensors_file import SafetensorsFile
+    from zimage_nodes.loaders.streaming import HostBlock
+
+    monkeypatch.setattr(file_reads, "_CAN_READ", False)  # as on Windows
+    path, tensors = weights
+    f = SafetensorsFile(path)
+    assert file_reads.file_range(f.get("a.weight")) is None
+    m = nn.Module()
+    m.register_buffer("w", f.get("a.weight"))
+    assert torch.equal(device_copy(m, torch.device("cpu")).w, tensors["a.weight"])
+    h = HostBlock("blk", m, "bf16", pinned=True, compute_dtype=torch.float32)
+    assert torch.equal(h.views(h.host, None)["w"], tensors["a.weight"])

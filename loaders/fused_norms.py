@@ -12,6 +12,8 @@ import functools
 import torch.nn.functional as F
 from torch import nn
 
+from .class_swap import swap_class
+
 
 @functools.cache
 def _rms_norm_class():
@@ -28,20 +30,11 @@ def _rms_norm_class():
 
 
 def use_fused_norms(module: nn.Module) -> int:
-    """Switch every diffusers RMSNorm inside `module` to the fused one (in place; a class swap, so
-    device copies keep it). Returns how many were switched."""
-    base, fused = _rms_norm_class()
-    n = 0
-    for m in module.modules():
-        if type(m) is base:
-            m.__class__ = fused
-            n += 1
-    return n
+    """Switch every diffusers RMSNorm inside `module` to the fused one. Returns how many."""
+    return swap_class(module.modules(), *_rms_norm_class())
 
 
 def use_plain_norms(module: nn.Module) -> None:
     """Undo use_fused_norms (benchmarks run diffusers' own pipeline on the pack's loaded modules)."""
     base, fused = _rms_norm_class()
-    for m in module.modules():
-        if isinstance(m, base) and type(m) is not base:
-            m.__class__ = base
+    swap_class(module.modules(), fused, base)

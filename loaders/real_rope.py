@@ -14,6 +14,8 @@ import functools
 import torch
 from torch import nn
 
+from .class_swap import swap_class
+
 
 def rotate(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """x [batch, tokens, heads, head_dim] rotated by freqs_cis [batch, tokens, head_dim / 2]
@@ -56,23 +58,17 @@ def _classes():
     return ZSingleStreamAttnProcessor, RealRopeAttnProcessor
 
 
+def _processors(module: nn.Module):
+    return (getattr(m, "processor", None) for m in module.modules())
+
+
 def use_real_rope(module: nn.Module) -> int:
-    """Switch the attention processors inside `module` to RealRopeAttnProcessor (a class swap: the
-    sampler's backend choice, set on each processor, is kept). Returns how many were switched."""
-    base, real = _classes()
-    n = 0
-    for m in module.modules():
-        proc = getattr(m, "processor", None)
-        if type(proc) is base:
-            proc.__class__ = real
-            n += 1
-    return n
+    """Switch the attention processors inside `module` to RealRopeAttnProcessor (the sampler's
+    backend choice, set on each processor, is kept). Returns how many."""
+    return swap_class(_processors(module), *_classes())
 
 
 def use_complex_rope(module: nn.Module) -> None:
     """Undo use_real_rope (benchmarks run diffusers' own pipeline on the pack's loaded modules)."""
     base, real = _classes()
-    for m in module.modules():
-        proc = getattr(m, "processor", None)
-        if proc is not None and isinstance(proc, base) and type(proc) is not base:
-            proc.__class__ = base
+    swap_class(_processors(module), real, base)

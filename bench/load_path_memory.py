@@ -5,10 +5,9 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import threading
-import time
 
 from load_path_settings import BUFFER, GB, RAM_FACTOR, now
+from poller import Poller
 
 
 def proc_bytes(path: str, fields: tuple[str, ...]) -> dict[str, int]:
@@ -113,7 +112,7 @@ def read_files(paths: list[str], max_bytes: int | None = None, limit_s: float | 
 # host memory while a block runs
 
 
-class HostMemory:
+class HostMemory(Poller):
     """Peaks of this process's host memory while the block runs, sampled every 20 ms.
 
     `copies` is RssAnon, plus PyTorch's pinned host memory where this kernel does not count it in
@@ -140,20 +139,8 @@ class HostMemory:
 
     def __enter__(self) -> "HostMemory":
         self.base = self._read()
-        self.peak, self.min_available, self._stop = dict(self.base), self.base["available"], False
-
-        def poll():
-            while not self._stop:
-                self._sample()
-                time.sleep(self.period)
-        self._thread = threading.Thread(target=poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop = True
-        self._thread.join()
-        self._sample()
+        self.peak, self.min_available = dict(self.base), self.base["available"]
+        return super().__enter__()
 
     def report(self, weights: int) -> dict:
         peak, base = self.peak["copies"], self.base["copies"]

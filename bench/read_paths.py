@@ -145,8 +145,10 @@ def pack_to_gpu(path):
 
     out = torch.empty(SIZE, dtype=torch.uint8, device=DEV)
     step = 360 * 2**20
-    copy_to_device([(out[k:k + step], path, k) for k in range(0, SIZE, step)])
+    fd = os.open(path, os.O_RDONLY)
+    copy_to_device([(out[k:k + step], fd, k) for k in range(0, SIZE, step)])
     sync()
+    os.close(fd)
     LAST[:] = [out]
 
 
@@ -155,11 +157,13 @@ def pack_to_pinned(path):
     from loaders.pinned_memory import host_buffer, pin
 
     owners = []
+    fd = os.open(path, os.O_RDONLY)
     for k in range(0, SIZE, 360 * 2**20):  # block by block, as the loader does
         raw, buf = host_buffer(min(360 * 2**20, SIZE - k))
-        read_into([(buf, path, k)])
+        read_into([(buf, fd, k)])
         owners.append(type("Owner", (), {})())
         owners[-1].buf = pin(raw, buf, owners[-1])
+    os.close(fd)
     LAST[:] = [torch.cat([o.buf for o in owners])] if SIZE <= 2**31 else [owners]
 
 

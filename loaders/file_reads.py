@@ -9,8 +9,9 @@ mapping (with `madvise(WILLNEED)` ahead) was 10% faster than the threads (1.86 a
 so bytes that are not in the page cache (`cached`) are still copied that way.
 
 Tensors find their file through the mapping they view: `SafetensorsFile` registers each mapping
-it makes, and `file_range` maps a tensor's address back to (path, offset) while that mapping
-lives. Tensors that view no registered mapping are copied as before.
+it makes with a descriptor of the file it mapped (the same inode even if the path is replaced
+meanwhile), and `file_range` maps a tensor's address back to (descriptor, offset) while that
+mapping lives. Tensors that view no registered mapping are copied as before.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import torch
 from .readahead import cached_fraction
 
 PIECE = 8 * 2**20  # bytes per pread: big enough to be cheap, small enough to spread a block over threads
-_MAPPINGS: dict[int, tuple[int, str, weakref.ref]] = {}  # start address -> (end address, path, mapping)
+_MAPPINGS: dict[int, tuple[int, int, weakref.ref]] = {}  # start address -> (end address, fd, mapping)
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
@@ -43,28 +44,35 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
-def register_mapping(m: mmap.mmap, path: str) -> None:
-    """Let tensors viewing `m` (a mapping of the whole file at `path`) be read from the file."""
+def register_mapping(m: mmap.mmap, fd: int) -> None:
+    """Let tensors viewing `m` (a mapping of the whole file open as `fd`) be read from the file,
+    through a descriptor of its own that lives as long as the mapping."""
     if len(m) == 0:
         return
     start = torch.frombuffer(m, dtype=torch.uint8, count=1).data_ptr()
-    _MAPPINGS[start] = (start + len(m), path, weakref.ref(m))
+    own = os.dup(fd)
+    _MAPPINGS[start] = (start + len(m), own, weakref.ref(m))
     # the address range is the mapping's own until it is unmapped, which is when this runs
-    weakref.finalize(m, _MAPPINGS.pop, start, None)
+    weakref.finalize(m, _forget, start, own)
+
+
+def _forget(start: int, fd: int) -> None:
+    _MAPPINGS.pop(start, None)
+    os.close(fd)
 
 
 _CAN_READ = hasattr(os, "preadv")  # not on Windows: there every byte is copied out of the mapping
 
 
 def file_range(t: torch.Tensor) -> tuple[str, int] | None:
-    """(path, byte offset) of the bytes of `t`, if it is a contiguous view of a live file mapping
-    (and this platform has `preadv`)."""
+    """(file descriptor, byte offset) of the bytes of `t`, if it is a contiguous view of a live
+    file mapping (and this platform has `preadv`). The descriptor stays open while `t` lives."""
     if not _CAN_READ or t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
         return None
     ptr, n = t.data_ptr(), t.numel() * t.element_size()
-    for start, (end, path, ref) in list(_MAPPINGS.items()):
+    for start, (end, fd, ref) in list(_MAPPINGS.items()):
         if start <= ptr and ptr + n <= end and ref() is not None:
-            return path, ptr - start
+            return fd, ptr - start
     return None
 
 
@@ -82,28 +90,21 @@ def _read(fd: int, view: memoryview, offset: int) -> None:
         got += n
 
 
-def read_into(jobs: Sequence[tuple[torch.Tensor, str, int]]) -> None:
-    """Fill each uint8 CPU tensor `dst` with the file's bytes from `offset` on, in pieces spread
-    over the thread pool. Returns when every byte is in."""
-    fds: dict[str, int] = {}
+def read_into(jobs: Sequence[tuple[torch.Tensor, int, int]]) -> None:
+    """Fill each uint8 CPU tensor `dst` with the bytes of file descriptor `fd` from `offset` on, in
+    pieces spread over the thread pool. Returns when every byte is in."""
     pieces = []
-    try:
-        for dst, path, offset in jobs:
-            if path not in fds:
-                fds[path] = os.open(path, os.O_RDONLY)
-            view = memoryview(dst.numpy())
-            for lo in range(0, len(view), PIECE):
-                pieces.append((fds[path], view[lo:lo + PIECE], offset + lo))
-        if len(pieces) == 1:
-            _read(*pieces[0])
-        elif pieces:
-            futures = [_pool().submit(_read, *p) for p in pieces]
-            wait(futures)  # every read done before the files close, failed or not
-            for f in futures:
-                f.result()
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+    for dst, fd, offset in jobs:
+        view = memoryview(dst.numpy())
+        for lo in range(0, len(view), PIECE):
+            pieces.append((fd, view[lo:lo + PIECE], offset + lo))
+    if len(pieces) == 1:
+        _read(*pieces[0])
+    elif pieces:
+        futures = [_pool().submit(_read, *p) for p in pieces]
+        wait(futures)  # every read done before an error goes on
+        for f in futures:
+            f.result()
 
 
 CHUNK = 64 * 2**20  # bytes per pinned ring buffer
@@ -126,8 +127,8 @@ def _ring() -> list:
     return _RING
 
 
-def copy_to_device(jobs: Sequence[tuple[torch.Tensor, str, int]]) -> None:
-    """Fill each contiguous tensor `dst` (all on one device) with the file's bytes from `offset`
+def copy_to_device(jobs: Sequence[tuple[torch.Tensor, int, int]]) -> None:
+    """Fill each contiguous tensor `dst` (all on one device) with the bytes of file descriptor `fd` from `offset`
     on, through the pinned ring: the thread pool reads one ring buffer while earlier ones are
     copied to the GPU. Returns once every byte is read; on a GPU the copies are queued on the
     device's current stream, so work queued after them on it sees them. (On a CPU the copies are
@@ -139,8 +140,7 @@ def copy_to_device(jobs: Sequence[tuple[torch.Tensor, str, int]]) -> None:
     ring = _ring()
     cuda = device.type == "cuda"
     stream = torch.cuda.current_stream(device) if cuda else None
-    fds: dict[str, int] = {}
-    spans = [(path, offset, dst.numel() * dst.element_size()) for dst, path, offset in jobs]
+    spans = [(fd, offset, dst.numel() * dst.element_size()) for dst, fd, offset in jobs]
     starts = [0]
     for _, _, n in spans:
         starts.append(starts[-1] + n)
@@ -150,11 +150,9 @@ def copy_to_device(jobs: Sequence[tuple[torch.Tensor, str, int]]) -> None:
         """Ask the kernel to read the jobs' bytes up to `upto` bytes in, in the background: on a cold
         file the disk then streams one long sequential read while the threads copy from the cache."""
         while adv[0] < len(spans) and starts[adv[0]] + adv[1] < upto:
-            path, offset, n = spans[adv[0]]
+            fd, offset, n = spans[adv[0]]
             take = min(n - adv[1], upto - starts[adv[0]] - adv[1])
-            if path not in fds:
-                fds[path] = os.open(path, os.O_RDONLY)
-            os.posix_fadvise(fds[path], offset + adv[1], take, os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(fd, offset + adv[1], take, os.POSIX_FADV_WILLNEED)
             adv[1] += take
             if adv[1] == n:
                 adv[:] = [adv[0] + 1, 0]
@@ -178,28 +176,24 @@ def copy_to_device(jobs: Sequence[tuple[torch.Tensor, str, int]]) -> None:
                 ring[k][1].record(stream)
         k, fill, reads, copies = (k + 1) % len(ring), 0, [], []
 
-    try:
-        for (dst, path, offset), (_, _, total) in zip(jobs, spans):
-            flat = dst.reshape(-1).view(torch.uint8)
-            pos = 0
-            while pos < total:
-                if fill == 0:
-                    if hasattr(os, "posix_fadvise"):
-                        advise(consumed + _WINDOW)
-                    if ring[k][1] is not None:
-                        ring[k][1].synchronize()  # the last copy out of this buffer is done
-                take = min(total - pos, CHUNK - fill)
-                reads.append((ring[k][0][fill:fill + take], path, offset + pos))
-                copies.append((flat[pos:pos + take], fill, take))
-                fill += take
-                pos += take
-                consumed += take
-                if fill == CHUNK:
-                    flush()
-        flush()
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+    for (dst, fd, offset), (_, _, total) in zip(jobs, spans):
+        flat = dst.reshape(-1).view(torch.uint8)
+        pos = 0
+        while pos < total:
+            if fill == 0:
+                if hasattr(os, "posix_fadvise"):
+                    advise(consumed + _WINDOW)
+                if ring[k][1] is not None:
+                    ring[k][1].synchronize()  # the last copy out of this buffer is done
+            take = min(total - pos, CHUNK - fill)
+            reads.append((ring[k][0][fill:fill + take], fd, offset + pos))
+            copies.append((flat[pos:pos + take], fill, take))
+            fill += take
+            pos += take
+            consumed += take
+            if fill == CHUNK:
+                flush()
+    flush()
 
 
 class Prefetch:
@@ -211,7 +205,8 @@ class Prefetch:
 
     _STEP = 64 * 2**20
 
-    def __init__(self, ranges: Sequence[tuple[str, int, int]], lead: int = 2 * 2**30):
+    def __init__(self, ranges: Sequence[tuple[int, int, int]], lead: int = 2 * 2**30):
+        """`ranges`: (file descriptor, offset, bytes), in the order the consumer copies them."""
         self.ranges, self.lead = [r for r in ranges if r[2] > 0], lead
         self.consumed = self.read = 0
         self._cond = threading.Condition()
@@ -237,12 +232,9 @@ class Prefetch:
         self.close()
 
     def _run(self) -> None:
-        scratch = bytearray(self._STEP)
-        fds: dict[str, int] = {}
+        scratch = memoryview(bytearray(self._STEP))
         try:
-            for path, offset, n in self.ranges:
-                if path not in fds:
-                    fds[path] = os.open(path, os.O_RDONLY)
+            for fd, offset, n in self.ranges:
                 pos = 0
                 while pos < n:
                     with self._cond:
@@ -250,13 +242,10 @@ class Prefetch:
                             self._cond.wait()
                         if self._stop:
                             return
-                    got = os.preadv(fds[path], [memoryview(scratch)[:min(self._STEP, n - pos)]], offset + pos)
+                    got = os.preadv(fd, [scratch[:min(self._STEP, n - pos)]], offset + pos)
                     if got <= 0:
                         return  # past the end: the consumer's own read reports it
                     pos += got
                     self.read += got
         except OSError:
             pass  # only a hint: the consumer reads the bytes itself either way
-        finally:
-            for fd in fds.values():
-                os.close(fd)

@@ -107,7 +107,7 @@ class SafetensorsFile:
                 # ACCESS_COPY: writable for torch.frombuffer, yet pages stay shared with the
                 # page cache until somebody writes to them (nobody does).
                 self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            register_mapping(self._mmap, self.path)
+                register_mapping(self._mmap, f.fileno())
         numel = (info.end - info.start) // info.dtype.itemsize
         if numel == 0:
             return torch.empty(info.shape, dtype=info.dtype)

@@ -33,19 +33,36 @@ def test_tensors_of_a_mapped_file_map_back_to_their_bytes(weights, pack):
     for name, t in tensors.items():
         mapped = f.get(name)
         where = file_range(mapped)
-        assert where is not None and where[0] == f.path
+        assert where is not None and os.path.samestat(os.fstat(where[0]), os.stat(path))
         nbytes = t.numel() * t.element_size()
         assert raw[where[1]:where[1] + nbytes] == t.numpy().tobytes()
     w = f.get("a.weight")
     rows = w[8:16]  # a contiguous slice (like a split fused qkv) maps too
-    assert file_range(rows) == (f.path, file_range(w)[1] + 8 * 48 * 4)
+    assert file_range(rows) == (file_range(w)[0], file_range(w)[1] + 8 * 48 * 4)
     assert file_range(w.t()) is None  # not contiguous: copied, not read
     assert file_range(torch.randn(4)) is None  # not from a file
-    n = len(_MAPPINGS)
+    n, fd = len(_MAPPINGS), file_range(w)[0]
     f.close()
     del f, w, rows, mapped
     gc.collect()
     assert len(_MAPPINGS) == n - 1  # the mapping went with its last tensor, and its entry with it
+    with pytest.raises(OSError):
+        os.fstat(fd)  # and its file descriptor
+
+
+def test_a_file_replaced_on_disk_is_still_read_from_the_one_mapped(weights, pack, tmp_path):
+    from zimage_nodes.loaders.file_reads import file_range, read_into
+    from zimage_nodes.loaders.safetensors_file import SafetensorsFile
+
+    path, tensors = weights
+    f = SafetensorsFile(path)
+    w = f.get("a.weight")
+    other = tmp_path / "other.bin"
+    other.write_bytes(os.urandom(2**16))
+    os.replace(other, path)  # a new download under the same name, while the old one is mapped
+    out = torch.zeros(w.numel() * 4, dtype=torch.uint8)
+    read_into([(out, *file_range(w))])
+    assert torch.equal(out.view(torch.float32).view(w.shape), tensors["a.weight"])
 
 
 def test_read_into_fills_every_destination_in_pieces_over_threads(weights, pack, monkeypatch):
@@ -70,8 +87,12 @@ def test_read_past_the_end_of_the_file_is_an_error(weights, pack):
     from zimage_nodes.loaders.file_reads import read_into
 
     path, _ = weights
-    with pytest.raises(OSError, match="end of file"):
-        read_into([(torch.zeros(100, dtype=torch.uint8), path, 10**6)])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError, match="end of file"):
+            read_into([(torch.zeros(100, dtype=torch.uint8), fd, 10**6)])
+    finally:
+        os.close(fd)
 
 
 def test_a_host_block_read_from_the_file_equals_one_copied_from_memory(weights, pack, monkeypatch):
@@ -184,7 +205,8 @@ def test_prefetch_reads_ahead_in_order_no_further_than_its_lead(cold_file, pack,
         pytest.skip("this filesystem keeps the file cached after posix_fadvise(DONTNEED)")
     monkeypatch.setattr(file_reads.Prefetch, "_STEP", 2**20)
     mib = 2**20
-    p = file_reads.Prefetch([(cold_file, 2 * mib, 2 * mib), (cold_file, 0, mib)], lead=0)
+    fd = os.open(cold_file, os.O_RDONLY)
+    p = file_reads.Prefetch([(fd, 2 * mib, 2 * mib), (fd, 0, mib)], lead=0)
     deadline = time.time() + 10
     while p.read < mib and time.time() < deadline:
         time.sleep(0.01)
@@ -195,6 +217,7 @@ def test_prefetch_reads_ahead_in_order_no_further_than_its_lead(cold_file, pack,
         time.sleep(0.01)
     p.close()
     assert p.read == 3 * mib
+    os.close(fd)
     assert cached_fraction(view[2 * mib:4 * mib]) == 1.0 and cached_fraction(view[:mib]) == 1.0
 
 

@@ -97,7 +97,8 @@ class HostBlock:
             reads = []
             for e in self.entries:
                 src = tensors[e.name].detach()
-                where = file_range(src) if e.stage_dtype == src.dtype else None
+                # as stored: read from the file; fp8 entries need their scales computed, so never
+                where = file_range(src) if e.stage_dtype == src.dtype != FP8 else None
                 if where is not None:
                     reads.append((buf[e.stage_off:e.stage_off + e.numel * e.dtype.itemsize], *where))
                     continue

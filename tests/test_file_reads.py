@@ -257,3 +257,23 @@ def test_without_preadv_every_byte_is_copied_out_of_the_mapping(weights, pack, m
     assert torch.equal(device_copy(m, torch.device("cpu")).w, tensors["a.weight"])
     h = HostBlock("blk", m, "bf16", pinned=True, compute_dtype=torch.float32)
     assert torch.equal(h.views(h.host, None)["w"], tensors["a.weight"])
+
+
+def test_fp8_weights_in_the_file_are_requantised_with_their_scales_not_read_as_they_are(tmp_path, pack):
+    from zimage_nodes.loaders.fp8_matmul import FP8, fp8_quantize
+    from zimage_nodes.loaders.safetensors_file import SafetensorsFile
+    from zimage_nodes.loaders.streaming import HostBlock
+
+    torch.manual_seed(1)
+    w8 = (torch.randn(32, 64) * 3).to(FP8)  # an fp8 checkpoint's weight (ComfyUI's fp8 files)
+    path = str(tmp_path / "fp8.safetensors")
+    save_file({"w.weight": w8}, path)
+    f = SafetensorsFile(path)
+    m = nn.Module()
+    m.w = nn.Linear(64, 32, bias=False)
+    m.w._parameters["weight"] = nn.Parameter(f.get("w.weight"), requires_grad=False)
+    h = HostBlock("blk", m, "fp8", pinned=True, compute_dtype=torch.bfloat16, fp8_matmul=True)
+    got = h.views(h.host, None)
+    q, s = fp8_quantize(w8)
+    assert torch.equal(got["w.weight"].view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(got["w.weight_scale"], s)

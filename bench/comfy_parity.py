@@ -64,34 +64,20 @@ def save():
 
 
 
-def make_torchvision_importable(torch) -> None:
-    """A CPU torch beside PyPI's torchvision fails on "operator torchvision::nms does not exist";
-    defining the two ops' schemas gets past it (as tests/e2e/comfy_launcher.py does). A
-    torchvision that imports cleanly (the GPU machine) is left alone."""
-    try:
-        import torchvision  # noqa: F401
-        return
-    except ImportError:
-        return  # ComfyUI says what it misses itself
-    except RuntimeError as err:
-        if "torchvision::nms" not in str(err):
-            raise
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]
-    lib = torch.library.Library("torchvision", "FRAGMENT")
-    for schema in ("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-                   "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"):
-        lib.define(schema)
-    make_torchvision_importable.lib = lib  # the definitions live as long as this object
-    import torchvision  # noqa: F401,F811
+def make_torchvision_importable() -> None:
+    """The e2e launcher's fix for a CPU torch beside PyPI's torchvision ("operator torchvision::nms
+    does not exist"); a torchvision that imports cleanly (the GPU machine) is left alone."""
+    spec = importlib.util.spec_from_file_location(
+        "comfy_launcher", os.path.join(ROOT, "tests", "e2e", "comfy_launcher.py"))
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    launcher.make_torchvision_importable()
 
 
 def import_comfy():
     if not os.path.isfile(os.path.join(COMFY, "nodes.py")):
         sys.exit(f"comfy_parity: no ComfyUI checkout at {COMFY}; set COMFY to one (ComfyUI 0.8.0).")
-    import torch
-
-    make_torchvision_importable(torch)
+    make_torchvision_importable()
     # ComfyUI's nodes.py must win the name `nodes` over the pack's nodes/ folder, which
     # full_size_files later puts on sys.path: import ComfyUI first, from the front of the path.
     sys.path.insert(0, COMFY)

@@ -43,15 +43,16 @@ def device_copy(module: nn.Module, device: torch.device, dtype: torch.dtype | No
             # read from it by several threads through a pinned ring (file_reads); the rest is
             # copied out of the mapping, with a cold file read ahead in order by a Prefetch thread
             fr = file_range(t) if mode == Copy.DEVICE else None
-            src = fr if fr is not None and target == t.dtype and cached(t) else None
-            todo.append((t, target, where, mode, src, fr))
+            warm = fr is not None and cached(t)
+            src = fr if warm and target == t.dtype else None
+            todo.append((t, target, where, mode, src, fr, warm))
         reads: dict[torch.device, list] = {}
-        mapped = [(t, fr) for t, _, _, mode, src, fr in todo if mode == Copy.DEVICE and src is None]
-        copied = ahead(t for t, fr in mapped if fr is None)
-        spans = [(*fr, t.numel() * t.element_size()) for t, fr in mapped if fr is not None]
-        prefetch = Prefetch(spans) if any(fr is not None and not cached(t) for t, fr in mapped) else None
+        mapped = [(t, fr, warm) for t, _, _, mode, src, fr, warm in todo if mode == Copy.DEVICE and src is None]
+        copied = ahead(t for t, fr, _ in mapped if fr is None)
+        spans = [(*fr, t.numel() * t.element_size()) for t, fr, _ in mapped if fr is not None]
+        prefetch = Prefetch(spans) if any(fr is not None and not warm for _, fr, warm in mapped) else None
         try:
-            for t, target, where, mode, src, fr in todo:
+            for t, target, where, mode, src, fr, _ in todo:
                 if mode == Copy.HOST:
                     moved = t
                 elif mode == Copy.PLACEHOLDER:

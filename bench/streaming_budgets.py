@@ -7,7 +7,8 @@ device-wide figure (this process is alone on the GPU) is sampled every 50 ms.
 
     python bench/streaming_budgets.py            # env: OUT (results folder), WORK (weights folder),
                                                  #      TOKENIZER (Qwen tokenizer folder), QUICK=1,
-                                                 #      CONFIGS=label,label (a subset), DIFFUSERS=0
+                                                 #      CONFIGS=label,label (a subset), DIFFUSERS=0,
+                                                 #      PROFILE=label,label (kernel table and trace)
 Cases: (a) a new seed with the prompt's conditioning cached (the usual ComfyUI case),
        (b) a new prompt each image.
 """
@@ -141,6 +142,29 @@ def run_pack(parts, label: str, budget_gb: float, storage: str, ctx: int, total:
     return samples
 
 
+def profile(parts, label: str):
+    """Where a streamed image's time goes, right after `label`'s run (same plan): the top kernels by
+    GPU time over 9 steps to $OUT/profile_<label>.txt, and a 2-step trace (copy and compute
+    streams side by side, chrome://tracing or Perfetto) to $OUT/trace_<label>.json.gz."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    pos = parts.text_encoder.encode(PROMPTS[0])
+    latent = torch.zeros(1, 16, RES // 8, RES // 8)
+    acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    with torch_profile(activities=acts) as prof:
+        denoise(parts, pos, None, latent, seed=1, steps=STEPS)
+        sync()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+    with open(os.path.join(OUT, f"profile_{label}.txt"), "w") as f:
+        f.write(table)
+    print(table[:5000], flush=True)
+    with torch_profile(activities=acts) as prof:
+        denoise(parts, pos, None, latent, seed=1, steps=2)
+        sync()
+    prof.export_chrome_trace(os.path.join(OUT, f"trace_{label}.json.gz"))
+
+
 def run_diffusers(parts, pos, ctx, total):
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
 
@@ -237,6 +261,12 @@ def main():
             R["runs"][label] = {"error": repr(e)[:500]}
             print(label, "FAILED", repr(e)[:500], flush=True)
             save()
+            continue
+        if label in os.environ.get("PROFILE", "").split(","):
+            try:
+                profile(parts, label)
+            except Exception as e:  # noqa: BLE001
+                R["runs"][label]["profile_error"] = repr(e)[:500]
     ref = outputs.get("unlimited_bf16")
     for label, o in outputs.items():
         if ref is None or o is None or label == "unlimited_bf16":

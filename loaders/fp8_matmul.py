@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ZImageError
+from .gpu_kernels import Fused
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest normal float8_e4m3fn
@@ -33,27 +34,10 @@ def _dequantize(w8s: list[torch.Tensor], scales: list[torch.Tensor], outs: list[
         out.copy_(w8.to(torch.float32) * scale[:, None])
 
 
-_FUSED: list = []  # [compiled _dequantize] once made, [None] where compiling is not possible
-
-
-def dequantize_into(w8s: list[torch.Tensor], scales: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
-    """Each `out` (bf16) = fp8 `w8` x its per-row `scale`: a block's matrices in one call. On a GPU,
-    one fused kernel per matrix (torch.compile, one graph for every block of the same shapes):
-    eager PyTorch takes two passes over each bf16 result, 3x the memory traffic, and that slowed
-    every streamed fp8 block. Without Triton, or on a CPU, eager."""
-    if w8s and w8s[0].device.type == "cuda":
-        if not _FUSED:
-            try:
-                _FUSED.append(torch.compile(_dequantize, dynamic=True, fullgraph=True))
-            except Exception:  # noqa: BLE001  (no compiler here: eager it is)
-                _FUSED.append(None)
-        if _FUSED[0] is not None:
-            try:
-                _FUSED[0](w8s, scales, outs)
-                return
-            except Exception:  # noqa: BLE001  (e.g. no Triton: fall back once and for all)
-                _FUSED[0] = None
-    _dequantize(w8s, scales, outs)
+# Each `out` (bf16) = fp8 `w8` x its per-row `scale`: a block's matrices in one call, one fused
+# kernel per matrix on a GPU (one graph for every block of the same shapes). Eager PyTorch takes two
+# passes over each bf16 result, 3x the memory traffic, and that slowed every streamed fp8 block.
+dequantize_into = Fused(_dequantize)
 
 
 class Fp8Linear(nn.Module):

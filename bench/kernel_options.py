@@ -1,0 +1,172 @@
+"""Kernel-level options for a Z-Image step and a Flux VAE decode, timed on one GPU in one run:
+fused vs separate q/k/v and w1/w3 GEMMs at a 1024x1024 step's shapes, SDPA backends at its
+attention shape, PyTorch's GroupNorm vs the pack's fused one at the VAE decoder's shapes, and
+whole decodes (random bf16 weights) with each GroupNorm, in NCHW and channels_last.
+
+    python bench/kernel_options.py        # env: OUT (results folder)
+Without a GPU it runs a smoke test of itself at tiny sizes on the CPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from loaders.fast_group_norm import FastGroupNorm, _fused_group_norm, use_fast_group_norm  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+DT = torch.bfloat16 if CUDA else torch.float32  # bf16 convolutions crawl on a CPU
+OUT = os.environ.get("OUT", "/tmp")
+R: dict = {"gpu": torch.cuda.get_device_name() if CUDA else "cpu (smoke test)", "torch": torch.__version__}
+
+
+def timed(fn, reps=20 if CUDA else 2) -> float:
+    """Median milliseconds of `fn` after two warm-up calls."""
+    fn()
+    fn()
+    ts = []
+    for _ in range(reps):
+        if CUDA:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b))
+        else:
+            t = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t) * 1e3)
+    return round(statistics.median(ts), 3)
+
+
+def save():
+    with open(os.path.join(OUT, "kernel_options.json"), "w") as f:
+        json.dump(R, f, indent=1)
+
+
+def gemms():
+    tokens, dim, hidden = (4128, 3840, 10240) if CUDA else (64, 96, 256)
+    x = torch.randn(tokens, dim, device=DEV, dtype=DT)
+    q, k, v = (torch.randn(dim, dim, device=DEV, dtype=DT) * 0.02 for _ in range(3))
+    w1, w3 = (torch.randn(hidden, dim, device=DEV, dtype=DT) * 0.02 for _ in range(2))
+    w2 = torch.randn(dim, hidden, device=DEV, dtype=DT) * 0.02
+    qkv, w13 = torch.cat([q, k, v]), torch.cat([w1, w3])
+    h = torch.randn(tokens, hidden, device=DEV, dtype=DT)
+    r = {"qkv_separate_ms": timed(lambda: (F.linear(x, q), F.linear(x, k), F.linear(x, v))),
+         "qkv_fused_ms": timed(lambda: F.linear(x, qkv)),
+         "out_ms": timed(lambda: F.linear(x, q)),
+         "w1_w3_separate_ms": timed(lambda: (F.linear(x, w1), F.linear(x, w3))),
+         "w1_w3_fused_ms": timed(lambda: F.linear(x, w13)),
+         "w2_ms": timed(lambda: F.linear(h, w2))}
+    flops = 2 * tokens * dim * (4 * dim + 3 * hidden)
+    sep = r["qkv_separate_ms"] + r["out_ms"] + r["w1_w3_separate_ms"] + r["w2_ms"]
+    fused = r["qkv_fused_ms"] + r["out_ms"] + r["w1_w3_fused_ms"] + r["w2_ms"]
+    r.update({"block_separate_ms": round(sep, 3), "block_fused_ms": round(fused, 3),
+              "block_separate_TFLOPS": round(flops / sep / 1e9, 1), "block_fused_TFLOPS": round(flops / fused / 1e9, 1)})
+    R["gemms"] = r
+    print("gemms", r, flush=True)
+
+
+def attention():
+    heads, tokens, hd = (30, 4128, 128) if CUDA else (2, 64, 32)
+    q, k, v = (torch.randn(1, heads, tokens, hd, device=DEV, dtype=DT) for _ in range(3))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    r = {}
+    for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
+                     ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("math", SDPBackend.MATH)):
+        if name == "math" and CUDA:
+            continue
+        try:
+            with sdpa_kernel(be):
+                r[name + "_ms"] = timed(lambda: F.scaled_dot_product_attention(q, k, v))
+        except RuntimeError as e:
+            r[name + "_ms"] = repr(e)[:120]
+    R["attention"] = r
+    print("attention", r, flush=True)
+
+
+def vae_group_norm_shapes(res: int) -> list[tuple[int, int, int]]:
+    """(channels, side, count) of the Flux VAE decoder's GroupNorms at `res` x `res`."""
+    s = res // 8
+    return [(512, s, 1 + 4 + 1 + 6), (512, 2 * s, 6), (512, 4 * s, 1), (256, 4 * s, 5), (256, 8 * s, 1),
+            (128, 8 * s, 6)]
+
+
+def group_norms():
+    r = {}
+    for res in (1024, 2048) if CUDA else (64,):
+        native_total = fused_total = 0.0
+        for c, side, count in vae_group_norm_shapes(res):
+            x = torch.randn(1, c, side, side, device=DEV, dtype=DT)
+            gn = torch.nn.GroupNorm(32, c, eps=1e-6).to(DEV, DT)
+            with torch.no_grad():
+                a = timed(lambda: gn(x))
+                b = timed(lambda: _fused_group_norm(x, 32, gn.weight, gn.bias, 1e-6))
+                err = (gn(x).float() - _fused_group_norm(x, 32, gn.weight, gn.bias, 1e-6).float()).abs().max().item()
+            r[f"{res}_{c}x{side}"] = {"native_ms": a, "fused_ms": b, "count": count, "max_abs_diff": err}
+            native_total += a * count
+            fused_total += b * count
+        r[f"{res}_total_native_ms"], r[f"{res}_total_fused_ms"] = round(native_total, 2), round(fused_total, 2)
+    R["group_norm"] = r
+    print("group_norm", json.dumps(r), flush=True)
+
+
+def decodes():
+    from diffusers import AutoencoderKL
+
+    cfg = json.load(open(os.path.join(ROOT, "loaders", "scaffold", "vae", "config.json")))
+    vae = AutoencoderKL(**{k: v for k, v in cfg.items() if not k.startswith("_")}).to(DEV, DT).eval()
+    r = {}
+    for res in (1024, 2048) if CUDA else (64,):
+        z = torch.randn(1, 16, res // 8, res // 8, device=DEV, dtype=DT)
+        images = {}
+        for label, fast, channels_last in (("native", False, False), ("fast_gn", True, False),
+                                           ("native_channels_last", False, True),
+                                           ("fast_gn_channels_last", True, True)):
+            for m in vae.modules():
+                if isinstance(m, torch.nn.GroupNorm):
+                    m.__class__ = FastGroupNorm if fast else torch.nn.GroupNorm
+            vae.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            zz = z.to(memory_format=torch.channels_last) if channels_last else z
+            with torch.no_grad():
+                try:
+                    if CUDA:
+                        torch.cuda.reset_peak_memory_stats()
+                    ms = timed(lambda: vae.decode(zz).sample, reps=5 if CUDA else 1)
+                    images[label] = vae.decode(zz).sample.float()
+                    r[f"{res}_{label}"] = {"ms": ms, "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                                           if CUDA else 0,
+                                           "max_abs_diff_vs_native": round(
+                                               (images[label] - images["native"]).abs().max().item(), 4)}
+                except Exception as e:  # noqa: BLE001
+                    r[f"{res}_{label}"] = {"error": repr(e)[:300]}
+            print(res, label, r[f"{res}_{label}"], flush=True)
+        del images
+    vae.to(memory_format=torch.contiguous_format)
+    assert use_fast_group_norm(vae) >= 0
+    R["decode"] = r
+
+
+def main():
+    for part in (gemms, attention, group_norms, decodes):
+        try:
+            part()
+        except Exception as e:  # noqa: BLE001
+            R[part.__name__ + "_error"] = repr(e)[:500]
+            print(part.__name__, "FAILED", repr(e)[:500], flush=True)
+        save()
+
+
+if __name__ == "__main__":
+    main()

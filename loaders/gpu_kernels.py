@@ -1,0 +1,36 @@
+"""Small functions compiled once into fused GPU kernels, eager wherever that is not possible.
+
+Eager PyTorch runs elementwise math as one kernel per operation, each a full pass over memory;
+torch.compile fuses a short function into one or two kernels. The functions here are compiled
+with dynamic shapes (one graph for every size), on first use with a CUDA tensor. Without a
+compiler (no Triton, e.g. many Windows installs), if compiling or running the compiled form fails,
+or on a CPU, the same function runs eagerly: same math, more passes.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+class Fused:
+    """`fn` compiled for CUDA inputs on first use; eager on a CPU and once compiling has failed. The
+    first argument (a tensor, or a list of them) says where the call runs."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self._compiled: Callable | None = None
+        self._failed = False
+
+    def __call__(self, *args):
+        first = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]
+        if first.device.type == "cuda" and not self._failed:
+            try:
+                if self._compiled is None:
+                    self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+                return self._compiled(*args)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception:  # noqa: BLE001  (no compiler here: eager from now on)
+                self._failed = True
+        return self.fn(*args)

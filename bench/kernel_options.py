@@ -72,7 +72,8 @@ def gemms():
     sep = r["qkv_separate_ms"] + r["out_ms"] + r["w1_w3_separate_ms"] + r["w2_ms"]
     fused = r["qkv_fused_ms"] + r["out_ms"] + r["w1_w3_fused_ms"] + r["w2_ms"]
     r.update({"block_separate_ms": round(sep, 3), "block_fused_ms": round(fused, 3),
-              "block_separate_TFLOPS": round(flops / sep / 1e9, 1), "block_fused_TFLOPS": round(flops / fused / 1e9, 1)})
+              "block_separate_TFLOPS": round(flops / sep / 1e9, 1),
+              "block_fused_TFLOPS": round(flops / fused / 1e9, 1)})
     R["gemms"] = r
     print("gemms", r, flush=True)
 

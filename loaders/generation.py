@@ -107,14 +107,17 @@ def denoise(parts: ZImagePipelineParts, positive: torch.Tensor, negative: torch.
 @torch.no_grad()
 def decode(vae: VAEHandle, latent: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
     """LATENT [B,16,h,w] -> IMAGE float32 [B,H,W,3] in 0..1, on the CPU. `tiled` None = as the
-    memory plan needs for this size."""
+    memory plan needs for this size, which may move resident transformer blocks out of the GPU
+    until its next run."""
     if latent.ndim != 4 or latent.shape[1] != sampling.LATENT_CHANNELS:
         raise ZImageError("the latent is not a Flux-VAE latent", where="decode input 'samples'",
                           expected=f"[batch, {sampling.LATENT_CHANNELS}, height/8, width/8]",
                           found=str(list(latent.shape)), fix="decode SD/SDXL latents with their own VAE.")
     b, _, h, w = latent.shape
-    if tiled is None:
-        tiled = vae.runtime.plan.decode_tiled(h * 8, w * 8, b)
+    moved, needs_tiles = vae.runtime.plan.decode_plan(h * 8, w * 8, b)
+    tiled = needs_tiles if tiled is None else tiled
+    if moved and not tiled and vae.runtime.move_out is not None:
+        vae.runtime.move_out(moved)  # back on the GPU at the transformer's next run
     with vae.on_device() as m, _tiling(m, tiled):
         w = next(m.parameters())
         z = latent.to(w.device, w.dtype)

@@ -14,11 +14,11 @@ import torch
 
 
 class Fused:
-    """`fn` compiled for CUDA inputs on first use; eager on a CPU and once compiling has failed. The
-    first argument (a tensor, or a list of them) says where the call runs."""
+    """`fn` compiled for CUDA inputs on first use; `eager` (default `fn`) on a CPU and once compiling
+    has failed. The first argument (a tensor, or a list of them) says where the call runs."""
 
-    def __init__(self, fn: Callable):
-        self.fn = fn
+    def __init__(self, fn: Callable, dynamic: bool = True, eager: Callable | None = None):
+        self.fn, self.dynamic, self.eager = fn, dynamic, eager or fn
         self._compiled: Callable | None = None
         self._failed = False
 
@@ -27,10 +27,10 @@ class Fused:
         if first.device.type == "cuda" and not self._failed:
             try:
                 if self._compiled is None:
-                    self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+                    self._compiled = torch.compile(self.fn, dynamic=self.dynamic, fullgraph=True)
                 return self._compiled(*args)
             except torch.OutOfMemoryError:
                 raise
             except Exception:  # noqa: BLE001  (no compiler here: eager from now on)
                 self._failed = True
-        return self.fn(*args)
+        return self.eager(*args)

@@ -41,6 +41,11 @@ ENCODE_WORK_BYTES = 256 * MiB  # Qwen3-4B activations for a 512-token prompt
 # above its weights on an H200); tiled decode works on 512x512 tiles (plus the output image, fp32).
 DECODE_BYTES_PER_PIXEL = 2600
 DECODE_TILE = 512
+# A decode that does not fit beside the resident blocks moves some of them out (those with a
+# pinned copy) rather than tile, when that frees enough within this many bytes: they come back at
+# the next run at PCIe speed (4 GiB: 0.08 s at 55 GB/s, 0.35 s at 12), where tiles cost 2-3x an
+# untiled decode (H100, 1024x1024: 0.22-0.29 s against 0.09; bench/streaming_budgets.py).
+DECODE_MOVE_OUT_MAX_BYTES = 4 * GiB
 # Prefetch depth of the streamer: with 2, copies stalled where block compute times vary
 # (refiners vs layers); 3 costs one resident block and hides them (H100, bench/).
 N_BUFFERS = 3
@@ -154,6 +159,8 @@ class MemoryPlan:
     # Resident blocks whose bf16 copy is also kept in pinned RAM (with what the budget leaves after
     # the streamed blocks): a reload, or a switch back to this model, copies them at PCIe speed.
     resident_pinned: tuple[str, ...] = ()
+    # Resident blocks moved out of the GPU for a decode of the planned size (see decode_plan).
+    decode_moved_out: tuple[str, ...] = ()
 
     @property
     def devices(self) -> list[str]:
@@ -214,15 +221,30 @@ class MemoryPlan:
             return max(p.peak_bytes for p in self.device_plans)
         return max(self.phases.values()) if self.phases else 0
 
-    def decode_tiled(self, height: int, width: int, batch: int) -> bool:
-        """Whether a decode of this size must be tiled to stay in the budget (decided up front,
-        never by running out of memory first)."""
+    def decode_plan(self, height: int, width: int, batch: int) -> tuple[tuple[str, ...], bool]:
+        """How a decode of this size stays in the budget, decided up front (never by running out of
+        memory first): (resident blocks to move out of the GPU for it, whether it is tiled). Untiled
+        where it fits beside the resident blocks, or once resident blocks with a pinned copy (the
+        last first) free enough within DECODE_MOVE_OUT_MAX_BYTES; tiled otherwise."""
         if self.device_plans:
-            return self.device_plans[-1].decode_tiled(height, width, batch)
+            return (), self.device_plans[-1].decode_plan(height, width, batch)[1]
         if self.device == "cpu":
-            return False
-        used = CUDA_CONTEXT_BYTES + SLACK_BYTES + self.resident_bytes + self.sizes.vae
-        return used + decode_work_bytes(height, width, batch, tiled=False) > self.budget_bytes
+            return (), False
+        over = CUDA_CONTEXT_BYTES + SLACK_BYTES + self.resident_bytes + self.sizes.vae \
+            + decode_work_bytes(height, width, batch, tiled=False) - self.budget_bytes
+        index = {n: i for i, (n, _) in enumerate(self.blocks)}
+        moved, freed = [], 0
+        for name in reversed(self.resident_pinned):
+            if freed >= over:
+                break
+            moved.append(name)
+            freed += self._block_bytes(index[name], Where.GPU)
+        if freed >= over and freed <= DECODE_MOVE_OUT_MAX_BYTES:
+            return tuple(moved), False
+        return (), True
+
+    def decode_tiled(self, height: int, width: int, batch: int) -> bool:
+        return self.decode_plan(height, width, batch)[1]
 
     def summary(self) -> str:
         if self.device == "cpu":
@@ -242,7 +264,8 @@ class MemoryPlan:
             + ("; fp8 matmuls" if self.matmul == Matmul.FP8 else ""),
             f"text encoder: {self.text_encoder}" + (f" from {self.text_encoder_host.value} RAM"
                                                     if self.text_encoder == "streamed" else "")
-            + f"; VAE: copied for decode{', tiled' if self.vae_tiled else ''}",
+            + "; VAE: copied for decode" + (", tiled" if self.vae_tiled else f" ({len(self.decode_moved_out)} resident "
+                                            "blocks moved out for it)" if self.decode_moved_out else ""),
             f"pinned host RAM {self.pinned_bytes / GiB:.1f} GB"
             + (f" ({len(self.resident_pinned)} resident blocks kept for fast reloads)" if self.resident_pinned else "")
             + f"; expected peak {self.peak_bytes / GiB:.1f} GB "
@@ -408,7 +431,16 @@ def plan_memory(sizes: ModelSizes, device: torch.device | str, budget_gb: float 
     te_host = Where.PINNED if not encodes or pinned + sum(sizes.text_encoder_blocks) <= host_budget else Where.MAPPED
     plan = MemoryPlan(str(device), budget, host_budget, height, width, batch, storage, placed, "streamed",
                       te_host, tiled, sizes, ph, matmul)
-    return with_resident_cache(plan) if cache_resident else plan
+    if not cache_resident:
+        return plan
+    plan = with_resident_cache(plan)
+    moved, tiled = plan.decode_plan(height, width, batch)
+    if not moved:
+        return plan
+    index = {n: i for i, (n, _) in enumerate(plan.blocks)}
+    decode = base + plan.resident_bytes - sum(stage(index[n], Where.GPU) for n in moved) \
+        + (sizes.vae + decode_work_bytes(height, width, batch, tiled=False) if decodes else 0)
+    return dataclasses.replace(plan, vae_tiled=False, decode_moved_out=moved, phases={**ph, "decode": decode})
 
 
 def with_resident_cache(plan: MemoryPlan) -> MemoryPlan:

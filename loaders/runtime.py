@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gc
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -40,6 +40,9 @@ class Runtime:
     # Several GPUs: each device and its budget (GB); empty for one device (`device`, `vram_budget_gb`).
     devices: tuple[str, ...] = ()
     vram_budgets_gb: tuple[float, ...] = ()
+    # Frees the named resident transformer blocks' GPU memory until the next run (set by the
+    # transformer's handle; the decode calls it when its plan moves blocks out).
+    move_out: Callable[[tuple[str, ...]], None] | None = None
 
     def plan_for(self, height: int, width: int, batch: int) -> MemoryPlan:
         if not self.fixed_plan and (self.plan.height, self.plan.width, self.plan.batch) != (height, width, batch):
@@ -63,6 +66,10 @@ def _block_of(name: str, blocks: list[str]) -> str | None:
         if name.startswith(b + "."):
             return b
     return None
+
+
+def _tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return list(module.named_parameters()) + list(module.named_buffers())
 
 
 def host_block(component: LoadedComponent, part: str, name: str, where: Where, storage: str,
@@ -95,6 +102,8 @@ class TransformerHandle:
         self.streamers: list[BlockStreamer] = []  # the last run's, one per GPU that streams (for reports)
         self.last_hops: DeviceHops | None = None
         self._plan: MemoryPlan | None = None  # the plan the GPU copy was built for
+        self._moved_out: set[str] = set()  # resident blocks a decode moved out, back at the next run
+        runtime.move_out = self.move_out
 
     @contextmanager
     def on_device(self, plan: MemoryPlan) -> Iterator[nn.Module]:
@@ -106,7 +115,7 @@ class TransformerHandle:
         block_device = plan.block_device()
         layout = (plan.blocks, plan.storage, plan.matmul, tuple(block_device.values()))
         if self._layout != layout:
-            self._replica, self._layout = None, None
+            self._replica, self._layout, self._moved_out = None, None, set()
             free_device_cache(self.runtime.device)
             try:
                 self._build(plan, block_device)
@@ -115,6 +124,8 @@ class TransformerHandle:
                 free_device_cache(self.runtime.device, collect=True)
                 raise
             self._layout = layout
+        if self._moved_out:
+            self._move_back()
         streamers, hops = [], None
         try:
             for sub in plan.device_plans or (plan,):  # each GPU streams its own blocks over its own link
@@ -172,6 +183,42 @@ class TransformerHandle:
                       for n, w in plan.blocks if w in (Where.PINNED, Where.MAPPED)}
         self._plan = plan
 
+    def move_out(self, names: tuple[str, ...]) -> None:
+        """Free these resident blocks' GPU memory for a decode that needs it (MemoryPlan.decode_plan):
+        each keeps its pinned host copy (made now from the GPU if the cache has none), and the next
+        run copies it back."""
+        if self._replica is None or self._plan is None:
+            return
+        dtype, where = self.runtime.dtype, dict(self._plan.blocks)
+        for b in names:
+            if b in self._moved_out or where.get(b) != Where.GPU:
+                continue
+            block = self._replica.get_submodule(b)
+            HOST_CACHE.raise_limit(self._plan.host_budget_bytes)
+            HOST_CACHE.get(host_key(self.component, "transformer", b, "bf16", dtype),
+                           lambda b=b, block=block: HostBlock(b, block, "bf16", True, dtype))
+            slots = Slots(block, [n for n, _ in _tensors(block)])
+            slots.bind({n: t.new_empty(0) for n, t in slots.current().items()})
+            self._moved_out.add(b)
+        free_device_cache(self.runtime.device)
+
+    def _move_back(self) -> None:
+        """The moved-out blocks back on the GPU: from their pinned copy, or from the mapped file when
+        the host cache has dropped it."""
+        dtype = self.runtime.dtype
+        try:
+            for b in sorted(self._moved_out):
+                host = HOST_CACHE.find(host_key(self.component, "transformer", b, "bf16", dtype)) or HostBlock(
+                    b, self.component.module.get_submodule(b), "bf16", False, dtype)
+                buf = torch.empty(host.stage_bytes, dtype=torch.uint8, device=self.runtime.device)
+                host.copy_into(buf, non_blocking=True)
+                views = host.views(buf, None)
+                Slots(self._replica.get_submodule(b), list(views)).bind(views)
+                self._moved_out.discard(b)
+        except BaseException:
+            self.release()  # a replica missing blocks must not run: rebuilt whole next time
+            raise
+
     def _keep_resident_blocks_in_ram(self) -> None:
         """Before the GPU copy goes: copy the resident blocks the plan has pinned RAM for back to the
         host cache (at PCIe speed, from the GPU), so the next build of this model - a switch back to
@@ -181,7 +228,7 @@ class TransformerHandle:
         if self._replica is None or plan is None:
             return
         HOST_CACHE.raise_limit(plan.host_budget_bytes)
-        for b in plan.resident_pinned:
+        for b in set(plan.resident_pinned) - self._moved_out:  # moved-out ones have their copy already
             HOST_CACHE.get(host_key(self.component, "transformer", b, "bf16", dtype),
                            lambda b=b: HostBlock(b, self._replica.get_submodule(b), "bf16", True, dtype))
 
@@ -194,6 +241,7 @@ class TransformerHandle:
             pass
         self._plan = None
         self._replica, self._layout, self._host, self.streamers = None, None, {}, []
+        self._moved_out = set()
         free_device_cache(self.runtime.device, collect=True)
 
     @property

@@ -60,7 +60,30 @@ def test_plan_streams_late_and_early_blocks_alike_when_budget_is_8gb(sizes):
     assert max(len(r) for r in runs) <= 2
     # the context refiners (caption tokens only, almost no compute to hide a copy) stay resident
     assert all(w.value == "gpu" for n, w in p.blocks if n.startswith("context_refiner."))
-    assert p.text_encoder == "streamed" and p.vae_tiled
+    assert p.text_encoder == "streamed"
+
+
+def test_a_decode_moves_resident_blocks_out_rather_than_tile_when_that_is_cheap(sizes):
+    """At 8 GiB a 1024x1024 decode does not fit beside the resident blocks: the fewest of them
+    that make room (those with a pinned copy, to come back at PCIe speed) leave the GPU for it;
+    without pinned copies, or when too much would have to leave, the decode is tiled."""
+    from zimage_nodes.loaders.placement import DECODE_MOVE_OUT_MAX_BYTES, decode_work_bytes
+
+    p = plan(sizes, 8)
+    moved, tiled = p.decode_plan(1024, 1024, 1)
+    assert moved == p.decode_moved_out and moved and not tiled and not p.vae_tiled
+    assert set(moved) <= set(p.resident_pinned)
+    assert p.phases["decode"] <= 8 * GiB and p.peak_bytes <= 8 * GiB
+    moved_bytes = p.phases["denoise"] - p.phases["decode"] + sizes.vae + decode_work_bytes(1024, 1024, 1, False)
+    assert 0 < moved_bytes <= DECODE_MOVE_OUT_MAX_BYTES
+    fewer = dict(p.blocks)
+    assert all(fewer[n].value == "gpu" for n in moved)
+    assert f"{len(moved)} resident blocks moved out for it" in p.summary()
+    assert p.decode_plan(640, 640, 1) == ((), False)  # a smaller image fits beside them all
+    assert p.decode_plan(2048, 2048, 1) == ((), True)  # 10 GB of decode: tiles
+    no_copies = plan(sizes, 8, host_gb=7)  # the streamed blocks take the pinned RAM
+    assert not no_copies.resident_pinned and no_copies.decode_plan(1024, 1024, 1) == ((), True)
+    assert no_copies.vae_tiled and not no_copies.decode_moved_out
 
 
 def test_more_budget_means_more_resident_blocks(sizes):

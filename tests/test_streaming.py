@@ -230,6 +230,35 @@ def test_resident_blocks_kept_in_pinned_ram_at_release_come_back_from_it_bit_for
     assert torch.equal(run(parts), reference) and HOST_CACHE.built == built  # rebuilt from RAM alone
 
 
+def test_blocks_moved_out_for_a_decode_come_back_for_the_next_run_bit_for_bit(parts, monkeypatch):
+    """A decode whose plan moves resident blocks out (MemoryPlan.decode_plan) frees their memory
+    until the transformer's next run, which copies them back: from pinned RAM, or from the file
+    once the host cache has dropped them."""
+    from zimage_nodes.loaders.generation import decode
+    from zimage_nodes.loaders.host_cache import HOST_CACHE
+    from zimage_nodes.loaders.placement import MemoryPlan
+
+    reference = run(parts)
+    HOST_CACHE.clear()
+    names = use_plan(parts, ["gpu", "gpu", "pinned", "gpu"])
+    latent = run(parts)
+    image = decode(parts.vae, latent)
+    h = parts.transformer
+    moved = (names[3], names[0])
+    monkeypatch.setattr(MemoryPlan, "decode_plan", lambda self, height, width, batch: (moved, False))
+
+    def sizes():
+        return [sum(t.numel() for t in h._replica.get_submodule(n).parameters()) for n in moved]
+    full = sizes()
+    assert torch.equal(decode(parts.vae, latent), image)
+    assert sizes() == [0, 0] and all(n > 0 for n in full)
+    assert {k[2] for k in HOST_CACHE._entries if k[1] == "transformer"} == {names[2], *moved}
+    assert torch.equal(run(parts), reference) and sizes() == full
+    decode(parts.vae, latent)
+    HOST_CACHE.clear()
+    assert torch.equal(run(parts), reference) and sizes() == full
+
+
 def test_activation_hops_copy_each_shared_input_once_per_device_and_forward(pack):
     from torch import nn
 

@@ -1,7 +1,6 @@
-"""Kernel-level options for a Z-Image step and a Flux VAE decode, timed on one GPU in one run:
-fused vs separate q/k/v and w1/w3 GEMMs at a 1024x1024 step's shapes, SDPA backends at its
-attention shape, PyTorch's GroupNorm vs the pack's fused one at the VAE decoder's shapes, and
-whole decodes (random bf16 weights) with each GroupNorm, in NCHW and channels_last.
+"""Kernel-level options for a Z-Image step, timed on one GPU in one run: fused vs separate q/k/v
+and w1/w3 GEMMs at a 1024x1024 step's shapes, SDPA backends at its attention shape, and the fp8
+dequantisation of a streamed block compiled with dynamic vs static shapes.
 
     python bench/kernel_options.py        # env: OUT (results folder)
 Without a GPU it runs a smoke test of itself at tiny sizes on the CPU.
@@ -20,11 +19,10 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from loaders.fast_group_norm import FastGroupNorm, _fused_group_norm, use_fast_group_norm  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
-DT = torch.bfloat16 if CUDA else torch.float32  # bf16 convolutions crawl on a CPU
+DT = torch.bfloat16 if CUDA else torch.float32
 OUT = os.environ.get("OUT", "/tmp")
 R: dict = {"gpu": torch.cuda.get_device_name() if CUDA else "cpu (smoke test)", "torch": torch.__version__}
 
@@ -117,70 +115,8 @@ def dequantize():
     print("dequantize", r, flush=True)
 
 
-def vae_group_norm_shapes(res: int) -> list[tuple[int, int, int]]:
-    """(channels, side, count) of the Flux VAE decoder's GroupNorms at `res` x `res`."""
-    s = res // 8
-    return [(512, s, 1 + 4 + 1 + 6), (512, 2 * s, 6), (512, 4 * s, 1), (256, 4 * s, 5), (256, 8 * s, 1),
-            (128, 8 * s, 6)]
-
-
-def group_norms():
-    r = {}
-    for res in (1024, 2048) if CUDA else (64,):
-        native_total = fused_total = 0.0
-        for c, side, count in vae_group_norm_shapes(res):
-            x = torch.randn(1, c, side, side, device=DEV, dtype=DT)
-            gn = torch.nn.GroupNorm(32, c, eps=1e-6).to(DEV, DT)
-            with torch.no_grad():
-                a = timed(lambda: gn(x))
-                w, bb = gn.weight.detach(), gn.bias.detach()
-                b = timed(lambda: _fused_group_norm(x, 32, w, bb, 1e-6))
-                err = (gn(x).float() - _fused_group_norm(x, 32, w, bb, 1e-6).float()).abs().max().item()
-            r[f"{res}_{c}x{side}"] = {"native_ms": a, "fused_ms": b, "count": count, "max_abs_diff": err}
-            native_total += a * count
-            fused_total += b * count
-        r[f"{res}_total_native_ms"], r[f"{res}_total_fused_ms"] = round(native_total, 2), round(fused_total, 2)
-    R["group_norm"] = r
-    print("group_norm", json.dumps(r), flush=True)
-
-
-def decodes():
-    from diffusers import AutoencoderKL
-
-    cfg = json.load(open(os.path.join(ROOT, "loaders", "scaffold", "vae", "config.json")))
-    vae = AutoencoderKL(**{k: v for k, v in cfg.items() if not k.startswith("_")}).to(DEV, DT).eval()
-    r = {}
-    for res in (1024, 2048) if CUDA else (64,):
-        z = torch.randn(1, 16, res // 8, res // 8, device=DEV, dtype=DT)
-        images = {}
-        # channels_last was slower with either GroupNorm on an H100 (143 / 130 ms against 91 / 73)
-        for label, fast, channels_last in (("native", False, False), ("fast_gn", True, False)):
-            for m in vae.modules():
-                if isinstance(m, torch.nn.GroupNorm):
-                    m.__class__ = FastGroupNorm if fast else torch.nn.GroupNorm
-            vae.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-            zz = z.to(memory_format=torch.channels_last) if channels_last else z
-            with torch.no_grad():
-                try:
-                    if CUDA:
-                        torch.cuda.reset_peak_memory_stats()
-                    ms = timed(lambda: vae.decode(zz).sample, reps=5 if CUDA else 1)
-                    images[label] = vae.decode(zz).sample.float()
-                    r[f"{res}_{label}"] = {"ms": ms, "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                                           if CUDA else 0,
-                                           "max_abs_diff_vs_native": round(
-                                               (images[label] - images["native"]).abs().max().item(), 4)}
-                except Exception as e:  # noqa: BLE001
-                    r[f"{res}_{label}"] = {"error": repr(e)[:300]}
-            print(res, label, r[f"{res}_{label}"], flush=True)
-        del images
-    vae.to(memory_format=torch.contiguous_format)
-    assert use_fast_group_norm(vae) >= 0
-    R["decode"] = r
-
-
 def main():
-    for part in (dequantize, group_norms, decodes):
+    for part in (gemms, attention, dequantize):
         try:
             part()
         except Exception as e:  # noqa: BLE001

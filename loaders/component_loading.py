@@ -17,7 +17,6 @@ from torch import nn
 
 from . import key_names, model_detection
 from .errors import ZImageError
-from .fast_group_norm import use_fast_group_norm
 from .fused_norms import use_fused_norms
 from .real_rope import use_real_rope
 from .weight_source import WeightSource
@@ -194,7 +193,6 @@ def load_vae(path: str, dtype: torch.dtype = torch.float32) -> LoadedComponent:
         with torch.device("meta"):
             module = AutoencoderKL(**config)
         _fill(module, src, resolve, dtype, fix)
-        use_fast_group_norm(module)
         return LoadedComponent(_finish(module, "VAE"), config, src.where,
                                "original" if original else "diffusers", _source_dtype(src))
     finally:

@@ -35,9 +35,11 @@ def _dequantize(w8s: list[torch.Tensor], scales: list[torch.Tensor], outs: list[
 
 
 # Each `out` (bf16) = fp8 `w8` x its per-row `scale`: a block's matrices in one call, one fused
-# kernel per matrix on a GPU (one graph for every block of the same shapes). Eager PyTorch takes two
-# passes over each bf16 result, 3x the memory traffic, and that slowed every streamed fp8 block.
-dequantize_into = Fused(_dequantize)
+# kernel per matrix on a GPU. Eager PyTorch takes two passes over each bf16 result, 3x the memory
+# traffic. Static shapes (a graph for the layers, one for the context refiners): with dynamic
+# ones the kernels divide by a runtime row length for every element and ran at half the speed
+# (H100: 0.58 against 0.28 ms a block, bench/kernel_options.py).
+dequantize_into = Fused(_dequantize, dynamic=False)
 
 
 class Fp8Linear(nn.Module):

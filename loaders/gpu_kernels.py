@@ -2,9 +2,10 @@
 
 Eager PyTorch runs elementwise math as one kernel per operation, each a full pass over memory;
 torch.compile fuses a short function into one or two kernels. The functions here are compiled
-with dynamic shapes (one graph for every size), on first use with a CUDA tensor. Without a
-compiler (no Triton, e.g. many Windows installs), if compiling or running the compiled form fails,
-or on a CPU, the same function runs eagerly: same math, more passes.
+on first use with a CUDA tensor, with dynamic shapes (one graph for every size) or static ones
+(a graph per size, faster where the sizes are few). Without a compiler (no Triton, e.g. many
+Windows installs), if compiling or running the compiled form fails, or on a CPU, the function (or
+the eager stand-in it is given) runs eagerly: same math, more passes.
 """
 from __future__ import annotations
 

@@ -28,38 +28,6 @@ def test_tiled_decode_matches_untiled_within_a_blended_seam(parts):
     assert parts.vae.component.module.use_tiling is False  # the setting does not outlive the decode
 
 
-def test_fused_group_norm_is_pytorchs_group_norm_and_compiles_whole(parts):
-    """On a GPU the VAE's GroupNorms run the pack's function compiled (fast_group_norm): it must be
-    PyTorch's GroupNorm (float32 inside, one rounding to bf16), trace as one graph with dynamic
-    shapes (fullgraph: a graph break fails here, not on a user's GPU), and be in every GroupNorm's
-    place in the loaded VAE, which on a CPU still runs PyTorch's kernel."""
-    from zimage_nodes.loaders.fast_group_norm import FastGroupNorm, group_norm
-
-    gen = torch.Generator().manual_seed(0)
-    gn = torch.nn.GroupNorm(32, 64, eps=1e-6)
-    with torch.no_grad():
-        gn.weight.uniform_(0.5, 1.5, generator=gen)
-        gn.bias.normal_(generator=gen)
-    x = torch.randn(2, 64, 16, 8, generator=gen) * 3 + 1
-    with torch.no_grad():
-        assert torch.allclose(group_norm(x, 32, gn.weight, gn.bias, 1e-6), gn(x), atol=1e-5)
-        w, b, xb = gn.weight.bfloat16(), gn.bias.bfloat16(), x.bfloat16()
-        out = group_norm(xb, 32, w, b, 1e-6)
-        ref = torch.nn.functional.group_norm(xb.float(), 32, w.float(), b.float(), 1e-6)
-        assert out.dtype == torch.bfloat16
-        assert torch.allclose(out.float(), ref, rtol=2**-8, atol=1e-6)
-        compiled = torch.compile(group_norm, backend="aot_eager", dynamic=True, fullgraph=True)
-        for shape in ((1, 64, 8, 8), (2, 64, 16, 8), (1, 64, 32, 4)):
-            y = torch.randn(shape, generator=gen)
-            assert torch.equal(compiled(y, 32, gn.weight, gn.bias, 1e-6), group_norm(y, 32, gn.weight, gn.bias, 1e-6))
-    norms = [m for m in parts.vae.component.module.modules() if isinstance(m, torch.nn.GroupNorm)]
-    assert norms and all(type(m) is FastGroupNorm for m in norms)
-    n = norms[0]
-    y = torch.randn(1, n.num_channels, 6, 6, generator=gen)
-    with torch.no_grad():
-        assert torch.equal(n(y), torch.nn.functional.group_norm(y, n.num_groups, n.weight, n.bias, n.eps))
-
-
 def test_latents_that_overflow_fp16_still_decode_to_a_picture(parts):
     """Latents with values far beyond what fp16 activations can carry give black (NaN) images
     in fp16; the pack decodes in fp32 on CPUs and bf16 on GPUs (fp32's range), never fp16."""

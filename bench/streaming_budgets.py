@@ -116,7 +116,7 @@ def run_pack(parts, label: str, budget_gb: float, storage: str, ctx: int, total:
             t_img.append(t2 - t0)
             t_den.append(t1 - t0)
             t_dec.append(t2 - t1)
-            if s == 1:
+            if s == images:  # after blocks moved out for a decode came back: compared with unlimited
                 samples = (out, img)
         t_new = []
         for i in range(1, 3):  # (b) a new prompt each image

@@ -72,6 +72,14 @@ def _tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return list(module.named_parameters()) + list(module.named_buffers())
 
 
+def _wait_before_first_call(block: nn.Module, copied: torch.cuda.Event) -> None:
+    """The block's next call makes the compute stream wait for `copied` (once)."""
+    def wait(module, args):
+        copied.wait()  # the current (compute) stream waits; the CPU does not
+        handle.remove()
+    handle = block.register_forward_pre_hook(wait)
+
+
 def host_block(component: LoadedComponent, part: str, name: str, where: Where, storage: str,
                dtype: torch.dtype, host_budget_bytes: int) -> HostBlock:
     """A streamed block's host copy. Pinned copies come from the process's cache (another run,
@@ -204,16 +212,27 @@ class TransformerHandle:
 
     def _move_back(self) -> None:
         """The moved-out blocks back on the GPU: from their pinned copy, or from the mapped file when
-        the host cache has dropped it."""
-        dtype = self.runtime.dtype
+        the host cache has dropped it. On a GPU the copies run on a stream of their own and each
+        block waits for its copy only when it is called: the blocks moved out are the last resident
+        ones, so their copies hide behind the compute of the blocks before them."""
+        dtype, device = self.runtime.dtype, self.runtime.device
+        side = torch.cuda.Stream(device) if device.type == "cuda" else None
         try:
             for b in sorted(self._moved_out):
                 host = HOST_CACHE.find(host_key(self.component, "transformer", b, "bf16", dtype)) or HostBlock(
                     b, self.component.module.get_submodule(b), "bf16", False, dtype)
-                buf = torch.empty(host.stage_bytes, dtype=torch.uint8, device=self.runtime.device)
-                host.copy_into(buf, non_blocking=True)
+                buf = torch.empty(host.stage_bytes, dtype=torch.uint8, device=device)
+                block = self._replica.get_submodule(b)
+                if side is None:
+                    host.copy_into(buf, non_blocking=False)
+                else:
+                    side.wait_stream(torch.cuda.current_stream(device))  # buf's memory is free there
+                    with torch.cuda.stream(side):
+                        host.copy_into(buf, non_blocking=True)
+                    buf.record_stream(side)  # not reused before the copy lands, whatever happens
+                    _wait_before_first_call(block, side.record_event())
                 views = host.views(buf, None)
-                Slots(self._replica.get_submodule(b), list(views)).bind(views)
+                Slots(block, list(views)).bind(views)
                 self._moved_out.discard(b)
         except BaseException:
             self.release()  # a replica missing blocks must not run: rebuilt whole next time

@@ -46,6 +46,7 @@ DECODE_TILE = 512
 # the next run at PCIe speed (4 GiB: 0.08 s at 55 GB/s, 0.35 s at 12), where tiles cost 2-3x an
 # untiled decode (H100, 1024x1024: 0.22-0.29 s against 0.09; bench/streaming_budgets.py).
 DECODE_MOVE_OUT_MAX_BYTES = 4 * GiB
+DECODE_MOVE_OUT_SLACK_BYTES = 512 * MiB
 # Prefetch depth of the streamer: with 2, copies stalled where block compute times vary
 # (refiners vs layers); 3 costs one resident block and hides them (H100, bench/).
 N_BUFFERS = 3
@@ -232,6 +233,11 @@ class MemoryPlan:
             return (), False
         over = CUDA_CONTEXT_BYTES + SLACK_BYTES + self.resident_bytes + self.sizes.vae \
             + decode_work_bytes(height, width, batch, tiled=False) - self.budget_bytes
+        if over <= 0:
+            return (), False
+        # Room for the allocator's pieces left over from denoising too: decoding right after it at
+        # 6 GiB, PyTorch reserved 0.4 GiB more than the decode's plan (H100, bench/).
+        over += DECODE_MOVE_OUT_SLACK_BYTES
         index = {n: i for i, (n, _) in enumerate(self.blocks)}
         moved, freed = [], 0
         for name in reversed(self.resident_pinned):
@@ -438,7 +444,7 @@ def plan_memory(sizes: ModelSizes, device: torch.device | str, budget_gb: float 
     if not moved:
         return plan
     index = {n: i for i, (n, _) in enumerate(plan.blocks)}
-    decode = base + plan.resident_bytes - sum(stage(index[n], Where.GPU) for n in moved) \
+    decode = base + DECODE_MOVE_OUT_SLACK_BYTES + plan.resident_bytes - sum(stage(index[n], Where.GPU) for n in moved) \
         + (sizes.vae + decode_work_bytes(height, width, batch, tiled=False) if decodes else 0)
     return dataclasses.replace(plan, vae_tiled=False, decode_moved_out=moved, phases={**ph, "decode": decode})
 

@@ -74,8 +74,10 @@ def test_a_decode_moves_resident_blocks_out_rather_than_tile_when_that_is_cheap(
     assert moved == p.decode_moved_out and moved and not tiled and not p.vae_tiled
     assert set(moved) <= set(p.resident_pinned)
     assert p.phases["decode"] <= 8 * GiB and p.peak_bytes <= 8 * GiB
-    moved_bytes = p.phases["denoise"] - p.phases["decode"] + sizes.vae + decode_work_bytes(1024, 1024, 1, False)
+    moved_bytes = sum(dict(sizes.transformer_blocks)[n] for n in moved)
     assert 0 < moved_bytes <= DECODE_MOVE_OUT_MAX_BYTES
+    assert p.phases["decode"] + moved_bytes > 8 * GiB  # they had to go: without moving them it would not fit
+    assert decode_work_bytes(1024, 1024, 1, False) + sizes.vae < p.phases["decode"]
     fewer = dict(p.blocks)
     assert all(fewer[n].value == "gpu" for n in moved)
     assert f"{len(moved)} resident blocks moved out for it" in p.summary()

@@ -7,7 +7,8 @@ repeated blocks is either resident on the GPU or streamed each step from pinned 
 between resident ones so their copies hide behind the resident blocks' compute.
 Text encoder: runs once per new prompt and leaves nothing on the GPU: streamed layer by layer
 (from pinned RAM: 8 GB in ~0.15 s on PCIe 5; a whole copy from the mapped file took 1.7 s).
-VAE: copied for the decode only; tiled when the untiled decode would not fit.
+VAE: copied for the decode only. When the untiled decode would not fit beside the resident
+blocks, some of them leave the GPU until the next run, or the decode is tiled (decode_plan).
 
 All sizes are bytes; the GPU phases (encode, denoise, decode) are each checked against the
 budget, so the plan's peak is what the allocator may reach.

@@ -301,13 +301,11 @@ def _spread(n_total: int, n_resident: int) -> list[bool]:
 
 def _resident_set(names: list[str], k: int) -> list[bool]:
     """k resident blocks: the context refiners first (they see only the caption's few tokens, so a
-    streamed one would leave its copy time uncovered), the rest spread evenly over the others,
-    starting with the first block: a run then begins computing while its first copies land
-    (with the first block streamed, an 8 GiB run waited ~13 ms for two copies before computing)."""
+    streamed one would leave its copy time uncovered), the rest spread evenly over the others."""
     cheap = [i for i, n in enumerate(names) if n.startswith("context_refiner.")]
     chosen = set(cheap[:k])
     rest = [i for i in range(len(names)) if i not in cheap]
-    chosen |= {i for i, r in zip(rest, reversed(_spread(len(rest), max(0, k - len(cheap))))) if r}
+    chosen |= {i for i, r in zip(rest, _spread(len(rest), max(0, k - len(cheap)))) if r}
     return [i in chosen for i in range(len(names))]
 
 

@@ -116,8 +116,8 @@ def decode(vae: VAEHandle, latent: torch.Tensor, tiled: bool | None = None) -> t
     b, _, h, w = latent.shape
     moved, needs_tiles = vae.runtime.plan.decode_plan(h * 8, w * 8, b)
     tiled = needs_tiles if tiled is None else tiled
-    if moved and not tiled and vae.runtime.move_out is not None:
-        vae.runtime.move_out(moved)  # back on the GPU at the transformer's next run
+    if moved and not tiled and vae.runtime.move_out is not None and not vae.runtime.move_out(moved):
+        tiled = True  # no pinned memory left for the blocks' copies: tiles fit beside them
     with vae.on_device() as m, _tiling(m, tiled):
         w = next(m.parameters())
         z = latent.to(w.device, w.dtype)

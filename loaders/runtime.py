@@ -42,7 +42,7 @@ class Runtime:
     vram_budgets_gb: tuple[float, ...] = ()
     # Frees the named resident transformer blocks' GPU memory until the next run (set by the
     # transformer's handle; the decode calls it when its plan moves blocks out).
-    move_out: Callable[[tuple[str, ...]], None] | None = None
+    move_out: Callable[[tuple[str, ...]], bool] | None = None
 
     def plan_for(self, height: int, width: int, batch: int) -> MemoryPlan:
         if not self.fixed_plan and (self.plan.height, self.plan.width, self.plan.batch) != (height, width, batch):
@@ -191,24 +191,30 @@ class TransformerHandle:
                       for n, w in plan.blocks if w in (Where.PINNED, Where.MAPPED)}
         self._plan = plan
 
-    def move_out(self, names: tuple[str, ...]) -> None:
+    def move_out(self, names: tuple[str, ...]) -> bool:
         """Free these resident blocks' GPU memory for a decode that needs it (MemoryPlan.decode_plan):
         each keeps its pinned host copy (made now from the GPU if the cache has none), and the next
-        run copies it back."""
+        run copies it back. False when a host copy could not be made (out of pinned memory): the
+        blocks moved until then stay out, and the decode must tile."""
         if self._replica is None or self._plan is None:
-            return
+            return True
         dtype, where = self.runtime.dtype, dict(self._plan.blocks)
-        for b in names:
-            if b in self._moved_out or where.get(b) != Where.GPU:
-                continue
-            block = self._replica.get_submodule(b)
-            HOST_CACHE.raise_limit(self._plan.host_budget_bytes)
-            HOST_CACHE.get(host_key(self.component, "transformer", b, "bf16", dtype),
-                           lambda b=b, block=block: HostBlock(b, block, "bf16", True, dtype))
-            slots = Slots(block, [n for n, _ in _tensors(block)])
-            slots.bind({n: t.new_empty(0) for n, t in slots.current().items()})
-            self._moved_out.add(b)
-        free_device_cache(self.runtime.device)
+        try:
+            for b in names:
+                if b in self._moved_out or where.get(b) != Where.GPU:
+                    continue
+                block = self._replica.get_submodule(b)
+                HOST_CACHE.raise_limit(self._plan.host_budget_bytes)
+                HOST_CACHE.get(host_key(self.component, "transformer", b, "bf16", dtype),
+                               lambda b=b, block=block: HostBlock(b, block, "bf16", True, dtype))
+                slots = Slots(block, [n for n, _ in _tensors(block)])
+                slots.bind({n: t.new_empty(0) for n, t in slots.current().items()})
+                self._moved_out.add(b)
+        except (RuntimeError, MemoryError, OSError):
+            return False
+        finally:
+            free_device_cache(self.runtime.device)
+        return True
 
     def _move_back(self) -> None:
         """The moved-out blocks back on the GPU: from their pinned copy, or from the mapped file when

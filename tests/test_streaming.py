@@ -241,6 +241,7 @@ def test_blocks_moved_out_for_a_decode_come_back_for_the_next_run_bit_for_bit(pa
     reference = run(parts)
     HOST_CACHE.clear()
     names = use_plan(parts, ["gpu", "gpu", "pinned", "gpu"])
+    parts.runtime.plan = dataclasses.replace(parts.runtime.plan, host_budget_bytes=2**30)
     latent = run(parts)
     image = decode(parts.vae, latent)
     h = parts.transformer
@@ -257,6 +258,15 @@ def test_blocks_moved_out_for_a_decode_come_back_for_the_next_run_bit_for_bit(pa
     decode(parts.vae, latent)
     HOST_CACHE.clear()
     assert torch.equal(run(parts), reference) and sizes() == full
+
+    from zimage_nodes.loaders import runtime
+
+    def no_pinned_memory(*args, **kwargs):
+        raise RuntimeError("CUDA error: out of memory (cudaHostRegister)")
+    monkeypatch.setattr(runtime, "HostBlock", no_pinned_memory)  # the copies can't be made: tiles
+    HOST_CACHE.clear()
+    assert torch.equal(decode(parts.vae, latent), decode(parts.vae, latent, tiled=True))
+    assert sizes() == full and torch.equal(run(parts), reference)
 
 
 def test_activation_hops_copy_each_shared_input_once_per_device_and_forward(pack):

@@ -175,7 +175,7 @@ def decodes(parts, pos):
             key = f"{res}x{res}_{'tiled' if tiled else 'as_planned'}"
             peak = torch.cuda.max_memory_allocated() if CUDA else 0
             R["decode"][key] = {"s": round(statistics.median(ts), 3),
-                                "tiled": bool(tiled) or parts.runtime.plan.decode_tiled(res, res, 1),
+                                "tiled": bool(tiled) or parts.runtime.plan.decode_plan(res, res, 1)[1],
                                 "peak_above_before_GiB": round((peak - base) / GiB, 2),
                                 "image_finite": bool(torch.isfinite(img).all()),
                                 "image_mean": round(img.mean().item(), 4)}

@@ -250,9 +250,6 @@ class MemoryPlan:
             return tuple(moved), False
         return (), True
 
-    def decode_tiled(self, height: int, width: int, batch: int) -> bool:
-        return self.decode_plan(height, width, batch)[1]
-
     def summary(self) -> str:
         if self.device == "cpu":
             return "CPU run: every part stays in system RAM (memory-mapped from its file)"
@@ -444,9 +441,8 @@ def plan_memory(sizes: ModelSizes, device: torch.device | str, budget_gb: float 
     moved, tiled = plan.decode_plan(height, width, batch)
     if not moved:
         return plan
-    index = {n: i for i, (n, _) in enumerate(plan.blocks)}
-    decode = base + DECODE_MOVE_OUT_SLACK_BYTES + plan.resident_bytes - sum(stage(index[n], Where.GPU) for n in moved) \
-        + (sizes.vae + decode_work_bytes(height, width, batch, tiled=False) if decodes else 0)
+    out = [Where.PINNED if name in moved else w for (name, _), w in zip(sizes.transformer_blocks, where)]
+    decode = phases(out, False)["decode"] + DECODE_MOVE_OUT_SLACK_BYTES
     return dataclasses.replace(plan, vae_tiled=False, decode_moved_out=moved, phases={**ph, "decode": decode})
 
 

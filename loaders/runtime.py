@@ -68,16 +68,26 @@ def _block_of(name: str, blocks: list[str]) -> str | None:
     return None
 
 
-def _tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return list(module.named_parameters()) + list(module.named_buffers())
+def _bind_copy(block: nn.Module, host: HostBlock, device: torch.device,
+               side: torch.cuda.Stream | None = None) -> None:
+    """Bind `block`'s tensors to a new device copy of `host` (one buffer). With `side`, the copy
+    runs on that stream and the block's next call makes the compute stream wait for it."""
+    buf = torch.empty(host.stage_bytes, dtype=torch.uint8, device=device)
+    if side is None:
+        host.copy_into(buf, non_blocking=True)
+    else:
+        side.wait_stream(torch.cuda.current_stream(device))  # buf's memory is free there
+        with torch.cuda.stream(side):
+            host.copy_into(buf, non_blocking=True)
+        buf.record_stream(side)  # not reused before the copy lands, whatever happens
+        copied = side.record_event()
 
-
-def _wait_before_first_call(block: nn.Module, copied: torch.cuda.Event) -> None:
-    """The block's next call makes the compute stream wait for `copied` (once)."""
-    def wait(module, args):
-        copied.wait()  # the current (compute) stream waits; the CPU does not
-        handle.remove()
-    handle = block.register_forward_pre_hook(wait)
+        def wait(module, args):
+            copied.wait()  # the current (compute) stream waits; the CPU does not
+            handle.remove()
+        handle = block.register_forward_pre_hook(wait)
+    views = host.views(buf, None)
+    Slots(block, list(views)).bind(views)
 
 
 def host_block(component: LoadedComponent, part: str, name: str, where: Where, storage: str,
@@ -177,11 +187,7 @@ class TransformerHandle:
         self._replica = device_copy(module, self.runtime.device, dtype, how, device_of)
         for b in names:
             if b in cached:
-                host = cached[b]
-                buf = torch.empty(host.stage_bytes, dtype=torch.uint8, device=block_device[b])
-                host.copy_into(buf, non_blocking=True)
-                views = host.views(buf, None)
-                Slots(self._replica.get_submodule(b), list(views)).bind(views)
+                _bind_copy(self._replica.get_submodule(b), cached[b], torch.device(block_device[b]))
             elif fp8:
                 block = module.get_submodule(b)
                 to_fp8_linears(self._replica.get_submodule(b), {
@@ -199,15 +205,15 @@ class TransformerHandle:
         if self._replica is None or self._plan is None:
             return True
         dtype, where = self.runtime.dtype, dict(self._plan.blocks)
+        HOST_CACHE.raise_limit(self._plan.host_budget_bytes)
         try:
             for b in names:
                 if b in self._moved_out or where.get(b) != Where.GPU:
                     continue
                 block = self._replica.get_submodule(b)
-                HOST_CACHE.raise_limit(self._plan.host_budget_bytes)
-                HOST_CACHE.get(host_key(self.component, "transformer", b, "bf16", dtype),
-                               lambda b=b, block=block: HostBlock(b, block, "bf16", True, dtype))
-                slots = Slots(block, [n for n, _ in _tensors(block)])
+                host = HOST_CACHE.get(host_key(self.component, "transformer", b, "bf16", dtype),
+                                      lambda b=b, block=block: HostBlock(b, block, "bf16", True, dtype))
+                slots = Slots(block, [n for n, _ in host.bound_names()])
                 slots.bind({n: t.new_empty(0) for n, t in slots.current().items()})
                 self._moved_out.add(b)
         except (RuntimeError, MemoryError, OSError):
@@ -227,18 +233,7 @@ class TransformerHandle:
             for b in sorted(self._moved_out):
                 host = HOST_CACHE.find(host_key(self.component, "transformer", b, "bf16", dtype)) or HostBlock(
                     b, self.component.module.get_submodule(b), "bf16", False, dtype)
-                buf = torch.empty(host.stage_bytes, dtype=torch.uint8, device=device)
-                block = self._replica.get_submodule(b)
-                if side is None:
-                    host.copy_into(buf, non_blocking=False)
-                else:
-                    side.wait_stream(torch.cuda.current_stream(device))  # buf's memory is free there
-                    with torch.cuda.stream(side):
-                        host.copy_into(buf, non_blocking=True)
-                    buf.record_stream(side)  # not reused before the copy lands, whatever happens
-                    _wait_before_first_call(block, side.record_event())
-                views = host.views(buf, None)
-                Slots(block, list(views)).bind(views)
+                _bind_copy(self._replica.get_submodule(b), host, device, side)
                 self._moved_out.discard(b)
         except BaseException:
             self.release()  # a replica missing blocks must not run: rebuilt whole next time

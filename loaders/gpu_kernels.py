@@ -4,8 +4,8 @@ Eager PyTorch runs elementwise math as one kernel per operation, each a full pas
 torch.compile fuses a short function into one or two kernels. The functions here are compiled
 on first use with a CUDA tensor, with dynamic shapes (one graph for every size) or static ones
 (a graph per size, faster where the sizes are few). Without a compiler (no Triton, e.g. many
-Windows installs), if compiling or running the compiled form fails, or on a CPU, the function (or
-the eager stand-in it is given) runs eagerly: same math, more passes.
+Windows installs), if compiling or running the compiled form fails, or on a CPU, the function
+runs eagerly: same math, more passes.
 """
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import torch
 
 
 class Fused:
-    """`fn` compiled for CUDA inputs on first use; `eager` (default `fn`) on a CPU and once compiling
-    has failed. The first argument (a tensor, or a list of them) says where the call runs."""
+    """`fn` compiled for CUDA inputs on first use; eager on a CPU and once compiling has failed. The
+    first argument (a tensor, or a list of them) says where the call runs."""
 
-    def __init__(self, fn: Callable, dynamic: bool = True, eager: Callable | None = None):
-        self.fn, self.dynamic, self.eager = fn, dynamic, eager or fn
+    def __init__(self, fn: Callable, dynamic: bool = True):
+        self.fn, self.dynamic = fn, dynamic
         self._compiled: Callable | None = None
         self._failed = False
 
@@ -34,4 +34,4 @@ class Fused:
                 raise
             except Exception:  # noqa: BLE001  (no compiler here: eager from now on)
                 self._failed = True
-        return self.eager(*args)
+        return self.fn(*args)

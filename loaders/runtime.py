@@ -68,26 +68,59 @@ def _block_of(name: str, blocks: list[str]) -> str | None:
     return None
 
 
-def _bind_copy(block: nn.Module, host: HostBlock, device: torch.device,
-               side: torch.cuda.Stream | None = None) -> None:
-    """Bind `block`'s tensors to a new device copy of `host` (one buffer). With `side`, the copy
-    runs on that stream and the block's next call makes the compute stream wait for it."""
+def _bind_copy(block: nn.Module, host: HostBlock, device: torch.device) -> None:
+    """Bind `block`'s tensors to a new device copy of `host` (one buffer)."""
     buf = torch.empty(host.stage_bytes, dtype=torch.uint8, device=device)
-    if side is None:
-        host.copy_into(buf, non_blocking=True)
-    else:
-        side.wait_stream(torch.cuda.current_stream(device))  # buf's memory is free there
-        with torch.cuda.stream(side):
-            host.copy_into(buf, non_blocking=True)
-        buf.record_stream(side)  # not reused before the copy lands, whatever happens
-        copied = side.record_event()
-
-        def wait(module, args):
-            copied.wait()  # the current (compute) stream waits; the CPU does not
-            handle.remove()
-        handle = block.register_forward_pre_hook(wait)
+    host.copy_into(buf, non_blocking=True)
     views = host.views(buf, None)
     Slots(block, list(views)).bind(views)
+
+
+class DeferredCopy:
+    """A block's way back to the GPU after a decode moved it out: its buffer is allocated and bound
+    now, its copy issued later on a copy stream - by a streamer between its own copies
+    (BlockStreamer.interleave), or at the latest by the block's own call - and the compute stream
+    waits for it only at that call. Issued all at once when the run started, the copies of five
+    blocks (1.8 GB, 33 ms at 55 GB/s) held up the first step's streamed blocks (H100,
+    bench/streaming_budgets.py)."""
+
+    def __init__(self, block: nn.Module, host: HostBlock, device: torch.device):
+        self.host, self.device = host, device
+        self.buf = torch.empty(host.stage_bytes, dtype=torch.uint8, device=device)
+        cuda = device.type == "cuda"
+        # where the buffer's memory is free: a copy stream waits for this, not for all compute so far
+        self._free = torch.cuda.current_stream(device).record_event() if cuda else None
+        self.copied: torch.cuda.Event | None = None
+        self.issued = False
+        views = host.views(self.buf, None)
+        Slots(block, list(views)).bind(views)
+        self._hook = block.register_forward_pre_hook(self._before_call)
+
+    def issue(self, stream: torch.cuda.Stream | None) -> None:
+        """Start the copy on `stream` (None: a CPU, synchronous)."""
+        if self.issued:
+            return
+        self.issued = True
+        if stream is None:
+            self.host.copy_into(self.buf, non_blocking=False)
+            return
+        stream.wait_event(self._free)
+        with torch.cuda.stream(stream):
+            self.host.copy_into(self.buf, non_blocking=True)
+        self.buf.record_stream(stream)  # not reused before the copy lands, whatever happens
+        self.copied = stream.record_event()
+
+    def cancel(self) -> None:
+        """The block goes (moved out again before it ran, or released): no copy, no hook."""
+        self.issued = True
+        self._hook.remove()
+
+    def _before_call(self, module, args) -> None:
+        self._hook.remove()
+        if not self.issued:  # nobody slipped it in earlier: now, on a stream of its own
+            self.issue(torch.cuda.Stream(self.device) if self.device.type == "cuda" else None)
+        if self.copied is not None:
+            self.copied.wait()  # the current (compute) stream waits; the CPU does not
 
 
 def host_block(component: LoadedComponent, part: str, name: str, where: Where, storage: str,
@@ -121,6 +154,7 @@ class TransformerHandle:
         self.last_hops: DeviceHops | None = None
         self._plan: MemoryPlan | None = None  # the plan the GPU copy was built for
         self._moved_out: set[str] = set()  # resident blocks a decode moved out, back at the next run
+        self._deferred: dict[str, DeferredCopy] = {}  # their copies back, until the blocks run
         runtime.move_out = self.move_out
 
     @contextmanager
@@ -142,14 +176,20 @@ class TransformerHandle:
                 free_device_cache(self.runtime.device, collect=True)
                 raise
             self._layout = layout
-        if self._moved_out:
-            self._move_back()
+        self._deferred = {b: c for b, c in self._deferred.items() if not c.issued}
+        returning = self._move_back(plan) if self._moved_out else []
         streamers, hops = [], None
         try:
             for sub in plan.device_plans or (plan,):  # each GPU streams its own blocks over its own link
                 blocks = [(self._replica.get_submodule(n), self._host[n]) for n, _ in sub.blocks if n in self._host]
                 if blocks:
                     streamers.append(BlockStreamer(blocks, torch.device(block_device[blocks[0][1].name])).attach())
+            if returning and len(streamers) == 1 and not plan.device_plans:
+                streamers[0].interleave(returning)  # slipped in between the streamed blocks' copies
+            elif returning:  # nothing streamed, or several GPUs: all now, on a stream of their own
+                side = torch.cuda.Stream(self.runtime.device) if self.runtime.device.type == "cuda" else None
+                for _, copy in returning:
+                    copy.issue(side)
             if len(plan.devices) > 1:
                 final = {f"all_final_layer.{k}": self.runtime.device for k in self._replica.all_final_layer.keys()}
                 hops = DeviceHops(self._replica, {**block_device, **final})
@@ -204,6 +244,7 @@ class TransformerHandle:
         blocks moved until then stay out, and the decode must tile."""
         if self._replica is None or self._plan is None:
             return True
+        self._settle()
         dtype, where = self.runtime.dtype, dict(self._plan.blocks)
         HOST_CACHE.raise_limit(self._plan.host_budget_bytes)
         try:
@@ -222,22 +263,38 @@ class TransformerHandle:
             free_device_cache(self.runtime.device)
         return True
 
-    def _move_back(self) -> None:
-        """The moved-out blocks back on the GPU: from their pinned copy, or from the mapped file when
-        the host cache has dropped it. On a GPU the copies run on a stream of their own and each
-        block waits for its copy only when it is called: the blocks moved out are the last resident
-        ones, so their copies hide behind the compute of the blocks before them."""
+    def _settle(self) -> None:
+        """Finish the copies back that never ran (a run stopped before those blocks), so that the
+        GPU copies hold the weights before they are read back to host memory."""
+        pending = [c for c in self._deferred.values() if not c.issued]
+        side = torch.cuda.Stream(self.runtime.device) if pending and self.runtime.device.type == "cuda" else None
+        for c in pending:
+            c.issue(side)
+        if side is not None:
+            side.synchronize()
+        self._deferred = {}
+
+    def _move_back(self, plan: MemoryPlan) -> list[tuple[int, DeferredCopy]]:
+        """The moved-out blocks back on the GPU, from their pinned copy or from the mapped file when
+        the host cache has dropped it: each with a deferred copy, and the number of streamed blocks
+        the model calls before it (for BlockStreamer.interleave)."""
         dtype, device = self.runtime.dtype, self.runtime.device
-        side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        out, streamed = [], 0
         try:
-            for b in sorted(self._moved_out):
+            for b, w in plan.blocks:
+                if w in (Where.PINNED, Where.MAPPED):
+                    streamed += 1
+                if b not in self._moved_out:
+                    continue
                 host = HOST_CACHE.find(host_key(self.component, "transformer", b, "bf16", dtype)) or HostBlock(
                     b, self.component.module.get_submodule(b), "bf16", False, dtype)
-                _bind_copy(self._replica.get_submodule(b), host, device, side)
+                copy = self._deferred[b] = DeferredCopy(self._replica.get_submodule(b), host, device)
+                out.append((streamed, copy))
                 self._moved_out.discard(b)
         except BaseException:
             self.release()  # a replica missing blocks must not run: rebuilt whole next time
             raise
+        return out
 
     def _keep_resident_blocks_in_ram(self) -> None:
         """Before the GPU copy goes: copy the resident blocks the plan has pinned RAM for back to the
@@ -256,12 +313,13 @@ class TransformerHandle:
         """Free the GPU copy (ComfyUI's 'free memory' and failures); pinned host copies stay in the
         process's bounded cache for the next run."""
         try:
+            self._settle()
             self._keep_resident_blocks_in_ram()
         except Exception:  # out of host memory, say: the blocks are read from the file next time
             pass
         self._plan = None
         self._replica, self._layout, self._host, self.streamers = None, None, {}, []
-        self._moved_out = set()
+        self._moved_out, self._deferred = set(), {}
         free_device_cache(self.runtime.device, collect=True)
 
     @property

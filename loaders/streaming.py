@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .block_dequant import ChunkTable, dequantize_block
 from .file_reads import Prefetch, cached, copy_to_device, file_range, read_into
 from .fp8_matmul import FP8, dequantize_into, fp8_quantize
 from .pinned_memory import host_buffer, pin
@@ -87,6 +88,10 @@ class HostBlock:
         self.stage_bytes, self.compute_bytes = stage, compute
         self.quantized = storage == "fp8"
         self.dequantized = self.quantized and not fp8_matmul  # fp8 in RAM, bf16 for compute
+        self.chunks = ChunkTable.of([
+            (e.stage_off, e.scale_off, e.compute_off // 2, e.shape[0], e.numel // e.shape[0])
+            for e in self.entries if e.stage_dtype == FP8]) \
+            if self.dequantized and compute_dtype == torch.bfloat16 else None
         self.host_bytes = 0  # bytes this copy holds in host RAM (0 when it reads the mapped file)
         self.spans: list[tuple[str, int, int]] = []
         if pinned or self.quantized:
@@ -145,8 +150,16 @@ class HostBlock:
         for src in self.sources or ():
             will_need(src)
 
-    def dequantize(self, stage: torch.Tensor, compute: torch.Tensor) -> None:
-        """fp8 entries of `stage` -> bf16 in `compute` (on the current stream)."""
+    def dequantize(self, stage: torch.Tensor, compute: torch.Tensor, tables: dict[bytes, torch.Tensor]) -> None:
+        """fp8 entries of `stage` -> bf16 in `compute` (on the current stream): one kernel launch for
+        the block where block_dequant can, else a compiled kernel per matrix. `tables`: the
+        caller's device copies of chunk tables, by layout."""
+        if self.chunks is not None:
+            table = tables.get(self.chunks.key)
+            if table is None:
+                table = tables[self.chunks.key] = self.chunks.rows.to(stage.device)
+            if dequantize_block(stage, compute, table):
+                return
         w8s, scales, outs = [], [], []
         for e in self.entries:
             if e.stage_dtype == FP8:
@@ -226,6 +239,7 @@ class BlockStreamer:
         compute_bytes = max(h.compute_bytes for _, h in self.blocks)
         # one dequantisation buffer: blocks run one after another on the compute stream
         self.compute = torch.empty(compute_bytes, dtype=torch.uint8, device=self.device) if fp8 else None
+        self._tables: dict[bytes, torch.Tensor] = {}  # dequantisation chunk tables on the device
         self.index = {id(m): i for i, (m, _) in enumerate(self.blocks)}
         # Blocks copied out of the file mapping have the disk read them this many blocks ahead of
         # their copy (about READ_AHEAD bytes): one long read instead of one per block.
@@ -247,6 +261,8 @@ class BlockStreamer:
         self._pending: dict[int, int] = {}  # block position -> buffer slot holding (or receiving) it
         self._next = 0  # position of the block expected to run next
         self.copies = 0  # blocks copied since attach (for tests)
+        self._extra: list = []  # other copies to slip in between this streamer's (see interleave)
+        self.interleaved = 0  # how many of them it issued (for tests and reports)
 
     def attach(self) -> "BlockStreamer":
         for m, _ in self.blocks:
@@ -255,6 +271,26 @@ class BlockStreamer:
             self._handles.append(m.register_forward_hook(self._after))
         self._restart(0)
         return self
+
+    def interleave(self, copies: list) -> None:
+        """Other copies for this link, each `(d, c)`: `c.issue(stream)` starts it, and the model
+        calls its block after the streamed block at position d - 1. They go on this streamer's copy
+        stream one at a time, after one of its own copies: when the link was idle (the copies run
+        ahead of compute) or when the block is near (`n_buffers` streamed blocks ahead), so that
+        they neither hold up the streamed blocks needed first nor come late. Whatever is left
+        when a block is called is the block's own business (runtime.DeferredCopy)."""
+        self._extra = sorted(copies, key=lambda dc: dc[0])
+        self._slip_in(-1, idle=False)
+
+    def _slip_in(self, pos: int, idle: bool) -> None:
+        while self._extra:
+            d, c = self._extra[0]
+            if not (idle or d - 1 - self.n <= pos):
+                return
+            self._extra.pop(0)
+            c.issue(self.copy_stream if self.cuda else None)
+            self.interleaved += 1
+            idle = False  # one per idle link: the next streamed copy comes first
 
     def close(self) -> None:
         for h in self._handles:
@@ -266,7 +302,8 @@ class BlockStreamer:
         for m, _ in self.blocks:  # a block that failed mid-forward still points into a buffer
             self._unbind(m)
         self._pending.clear()
-        self.stage, self.compute = [], None
+        self._extra = []  # copies not slipped in: their blocks issue them when called
+        self.stage, self.compute, self._tables = [], None, {}
 
     # -- internals -------------------------------------------------------------------------
     def _issue(self, pos: int, slot: int) -> None:
@@ -327,7 +364,7 @@ class BlockStreamer:
             torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
         _, host = self.blocks[pos]
         if host.dequantized:
-            host.dequantize(self.stage[slot], self.compute)
+            host.dequantize(self.stage[slot], self.compute, self._tables)
         self._slots[id(module)].bind(host.views(self.stage[slot], self.compute))
 
     def _after(self, module: nn.Module, args, output) -> None:
@@ -336,6 +373,8 @@ class BlockStreamer:
         self._unbind(module)
         if self.cuda:
             self.freed[slot].record(torch.cuda.current_stream(self.device))
+        idle = bool(self._extra) and self.cuda and self.copy_stream.query()
         nxt = (pos + self.n) % len(self.blocks)
         self._issue(nxt, slot)
+        self._slip_in(pos, idle)
         self._next = (pos + 1) % len(self.blocks)

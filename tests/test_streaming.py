@@ -255,6 +255,7 @@ def test_blocks_moved_out_for_a_decode_come_back_for_the_next_run_bit_for_bit(pa
     assert sizes() == [0, 0] and all(n > 0 for n in full)
     assert {k[2] for k in HOST_CACHE._entries if k[1] == "transformer"} == {names[2], *moved}
     assert torch.equal(run(parts), reference) and sizes() == full
+    assert h.last_streamer.interleaved == 2  # the copies back went through the streamer's link
     decode(parts.vae, latent)
     HOST_CACHE.clear()
     assert torch.equal(run(parts), reference) and sizes() == full
@@ -267,6 +268,36 @@ def test_blocks_moved_out_for_a_decode_come_back_for_the_next_run_bit_for_bit(pa
     HOST_CACHE.clear()
     assert torch.equal(decode(parts.vae, latent), decode(parts.vae, latent, tiled=True))
     assert sizes() == full and torch.equal(run(parts), reference)
+
+
+def test_copies_slipped_in_between_streamed_blocks_go_when_their_block_is_near(pack):
+    """BlockStreamer.interleave: a copy whose block the model calls after streamed block d - 1 goes
+    on the link once the streamer is n_buffers blocks from it, not at the start of the run."""
+    from torch import nn
+
+    from zimage_nodes.loaders.streaming import BlockStreamer, HostBlock
+
+    blocks = [nn.Linear(8, 8) for _ in range(6)]
+    streamer = BlockStreamer([(b, HostBlock(str(i), b, "bf16", True, torch.float32)) for i, b in enumerate(blocks)],
+                             torch.device("cpu"), n_buffers=2).attach()
+    issued = {}
+
+    class Copy:
+        def __init__(self, name):
+            self.name = name
+
+        def issue(self, stream):
+            assert stream is None  # a CPU: synchronous
+            issued[self.name] = streamer.copies  # streamed copies issued before it
+    # called after streamed blocks 0, 2 and 4: within the first n_buffers blocks goes now (after
+    # the two copies attach issues); the others after block d - 1 - n_buffers ran
+    streamer.interleave([(5, Copy("late")), (1, Copy("first")), (3, Copy("middle"))])
+    assert issued == {"first": 2}
+    x = torch.randn(2, 8)
+    for b in blocks:
+        x = b(x)
+    streamer.close()
+    assert issued == {"first": 2, "middle": 3, "late": 5} and streamer.interleaved == 3
 
 
 def test_activation_hops_copy_each_shared_input_once_per_device_and_forward(pack):

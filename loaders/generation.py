@@ -10,7 +10,7 @@ from torch import nn
 
 from . import attention, compiled_blocks, sampling
 from .errors import ZImageError
-from .placement import DECODE_TILE
+from .placement import DECODE_BLEND, DECODE_TILE
 from .runtime import VAEHandle, ZImagePipelineParts, free_device_cache
 
 
@@ -128,13 +128,13 @@ def decode(vae: VAEHandle, latent: torch.Tensor, tiled: bool | None = None) -> t
 
 @contextmanager
 def _tiling(vae: nn.Module, tiled: bool):
-    """diffusers' tiled decode on 512-pixel tiles with a 1/4 overlap, blended (no seams), for
-    this decode only."""
+    """diffusers' tiled decode on DECODE_TILE-pixel tiles overlapping by DECODE_BLEND pixels, blended
+    (no seams), for this decode only."""
     saved = (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor)
     vae.use_tiling = tiled
     vae.tile_sample_min_size = DECODE_TILE
     vae.tile_latent_min_size = DECODE_TILE // 8
-    vae.tile_overlap_factor = 0.25
+    vae.tile_overlap_factor = DECODE_BLEND / DECODE_TILE  # diffusers multiplies it back: exactly 128
     try:
         yield
     finally:

@@ -13,17 +13,18 @@ def parts(tiny, pack):
 
 
 def test_tiled_decode_matches_untiled_within_a_blended_seam(parts):
-    """640x640 > one 512 tile: diffusers' tiled decode blends overlapping tiles. On the tiny
-    random VAE the two decodes differ by at most 0.12 (0..1 pixels, measured) near the seams and
-    by less than 0.01 on average; on the full-size random VAE the bench measured 42.8 dB PSNR."""
+    """768x768 > one 640 tile: diffusers' tiled decode blends overlapping tiles. On the tiny
+    random VAE the two decodes differ by at most 0.19 (0..1 pixels, measured; 512-pixel tiles:
+    0.12 here, 0.21 at 1024x1024) near the seams and by 0.0065 on average (512: 0.008); on the
+    full-size random VAE the bench measured 42.8 dB PSNR with 512-pixel tiles."""
     from zimage_nodes.loaders.generation import decode
 
-    latent = torch.randn(1, 16, 80, 80, generator=torch.Generator().manual_seed(0))
+    latent = torch.randn(1, 16, 96, 96, generator=torch.Generator().manual_seed(0))
     whole = decode(parts.vae, latent, tiled=False)
     tiled = decode(parts.vae, latent, tiled=True)
-    assert whole.shape == tiled.shape == (1, 640, 640, 3)
+    assert whole.shape == tiled.shape == (1, 768, 768, 3)
     diff = (whole - tiled).abs()
-    assert diff.max() < 0.15 and diff.mean() < 0.01
+    assert diff.max() < 0.25 and diff.mean() < 0.008
     assert not torch.equal(whole, tiled)  # tiling really happened
     assert parts.vae.component.module.use_tiling is False  # the setting does not outlive the decode
 

@@ -1,13 +1,15 @@
 """Kernel-level options for a Z-Image step, timed on one GPU in one run: fused vs separate q/k/v
-and w1/w3 GEMMs at a 1024x1024 step's shapes, SDPA backends at its attention shape, and the fp8
-dequantisation of a streamed block compiled with dynamic vs static shapes.
+and w1/w3 GEMMs at a 1024x1024 step's shapes, SDPA backends at its attention shape, the fp8
+dequantisation of a streamed block (compiled per matrix, dynamic vs static shapes, or one Triton
+launch), and the VAE decode in the default vs the channels_last memory layout.
 
-    python bench/kernel_options.py        # env: OUT (results folder)
+    python bench/kernel_options.py        # env: OUT (results folder), PARTS (e.g. dequantize,vae_decode)
 Without a GPU it runs a smoke test of itself at tiny sizes on the CPU.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import sys
@@ -95,28 +97,125 @@ def attention():
     print("attention", r, flush=True)
 
 
+def _layer_block(dim: int, hidden: int, ada: int) -> torch.nn.Module:
+    """A module with a Z-Image layer's matrices (attention, SwiGLU, adaLN), random weights."""
+    m = torch.nn.Module()
+    for n in ("to_q", "to_k", "to_v", "to_out"):
+        setattr(m, n, torch.nn.Linear(dim, dim, bias=False, dtype=DT))
+    m.w1, m.w3 = (torch.nn.Linear(dim, hidden, bias=False, dtype=DT) for _ in range(2))
+    m.w2 = torch.nn.Linear(hidden, dim, bias=False, dtype=DT)
+    m.ada = torch.nn.Linear(ada, 4 * dim, dtype=DT)
+    m.norm = torch.nn.RMSNorm(dim, dtype=DT)
+    return m
+
+
 def dequantize():
     """One layer block's fp8 weights (per-row scales) to bf16, as the streamer does for fp8-stored
-    blocks: the compiled kernel with dynamic shapes (one graph for all blocks) vs static shapes."""
-    from loaders.fp8_matmul import _dequantize, fp8_quantize
+    blocks: compiled per matrix with dynamic vs static shapes (loaders.fp8_matmul), and the whole
+    block in one Triton launch (loaders.block_dequant), checked bit for bit against eager."""
+    from loaders import block_dequant
+    from loaders.fp8_matmul import _dequantize
     from loaders.gpu_kernels import Fused
+    from loaders.streaming import FP8, HostBlock
 
-    dim, hidden = (3840, 10240) if CUDA else (96, 256)
-    shapes = [(dim, dim)] * 4 + [(hidden, dim), (dim, hidden), (hidden, dim), (4 * dim, 256 if CUDA else 32)]
-    w8s, scales = zip(*(fp8_quantize(torch.randn(s, device=DEV, dtype=DT)) for s in shapes))
-    outs = [torch.empty(s, device=DEV, dtype=DT) for s in shapes]
-    nbytes = sum(w.numel() * 3 for w in w8s)  # fp8 read, bf16 written
+    dim, hidden, ada = (3840, 10240, 256) if CUDA else (96, 256, 32)
+    host = HostBlock("layer", _layer_block(dim, hidden, ada), "fp8", False, torch.bfloat16)
+    stage = host.host.to(DEV)
+    fp8 = [e for e in host.entries if e.stage_dtype == FP8]
+    w8s = [stage[e.stage_off:e.stage_off + e.numel].view(FP8).view(e.shape) for e in fp8]
+    scales = [stage[e.scale_off:e.scale_off + e.shape[0] * 4].view(torch.float32) for e in fp8]
+
+    def outs(buf):
+        return [buf[e.compute_off:e.compute_off + e.numel * 2].view(torch.bfloat16).view(e.shape) for e in fp8]
+
+    nbytes = sum(e.numel * 3 for e in fp8)  # fp8 read, bf16 written
+    reference = torch.zeros(host.compute_bytes, dtype=torch.uint8, device=DEV)
+    _dequantize(w8s, scales, outs(reference))
     r = {}
-    for label, fn in (("eager", _dequantize), ("compiled_dynamic", Fused(_dequantize, dynamic=True)),
-                      ("compiled_static", Fused(_dequantize, dynamic=False))):
-        ms = timed(lambda: fn(list(w8s), list(scales), outs))
-        r[label] = {"ms_per_block": ms, "GBps": round(nbytes / ms / 1e6, 1)}
+    variants = [("eager", _dequantize), ("compiled_dynamic", Fused(_dequantize, dynamic=True)),
+                ("compiled_static", Fused(_dequantize, dynamic=False))]
+    for label, fn in variants:
+        buf = torch.zeros_like(reference)
+        ms = timed(lambda: fn(w8s, scales, outs(buf)))
+        r[label] = {"ms_per_block": ms, "GBps": round(nbytes / ms / 1e6, 1),
+                    "same_bits": bool(torch.equal(buf, reference))}
+    if CUDA and host.chunks is not None:
+        table = host.chunks.rows.to(DEV)
+        buf = torch.zeros_like(reference)
+        try:  # straight to the kernel first, so that a compile error is seen, not swallowed
+            block_dequant._dequant_chunks[(len(table),)](stage, stage.view(torch.float32), buf.view(torch.bfloat16),
+                                                         table, R=block_dequant._TILE_ROWS,
+                                                         C=block_dequant._TILE_COLS, num_warps=block_dequant._WARPS)
+        except Exception as e:  # noqa: BLE001
+            r["triton_error"] = repr(e)[:1500]
+        ran = block_dequant.dequantize_block(stage, buf, table)
+        ms = timed(lambda: block_dequant.dequantize_block(stage, buf, table)) if ran else None
+        r["triton_one_launch"] = {"ran": ran, "ms_per_block": ms, "GBps": round(nbytes / ms / 1e6, 1) if ms else None,
+                                  "same_bits": bool(torch.equal(buf, reference)), "chunks": len(table)}
+    if CUDA and host.chunks is not None and "triton_error" not in r:
+        # the kernel's shape: elements per program (CHUNK_ELEMENTS), tile rows x columns, warps
+        matrices = [(e.stage_off, e.scale_off, e.compute_off // 2, e.shape[0], e.numel // e.shape[0]) for e in fp8]
+        saved, tuning = block_dequant.CHUNK_ELEMENTS, {}
+        for chunk in (16384, 32768, 65536):
+            block_dequant.CHUNK_ELEMENTS = chunk
+            table = block_dequant.ChunkTable.of(matrices).rows.to(DEV)
+            for rows, cols, warps in ((8, 256, 4), (8, 256, 8), (16, 256, 8), (4, 512, 4), (2, 1024, 4), (4, 1024, 8)):
+                buf = torch.zeros_like(reference)
+
+                def launch():
+                    block_dequant._dequant_chunks[(len(table),)](stage, stage.view(torch.float32),
+                                                                 buf.view(torch.bfloat16), table, R=rows, C=cols,
+                                                                 num_warps=warps)
+                ms = timed(launch)
+                tuning[f"chunk{chunk}_R{rows}_C{cols}_w{warps}"] = {
+                    "ms": ms, "GBps": round(nbytes / ms / 1e6, 1), "same_bits": bool(torch.equal(buf, reference))}
+        block_dequant.CHUNK_ELEMENTS = saved
+        r["triton_shapes"] = dict(sorted(tuning.items(), key=lambda kv: kv[1]["ms"]))
     R["dequantize"] = r
-    print("dequantize", r, flush=True)
+    print("dequantize", {k: v for k, v in r.items() if k != "triton_shapes"}, flush=True)
+    print("dequantize fastest shapes", list(r.get("triton_shapes", {}).items())[:5], flush=True)
+
+
+def vae_decode():
+    """The Flux VAE's decode at 1024x1024 in bf16 (weights already on the GPU): untiled, on 512-pixel
+    tiles overlapping by 128 (the pack until session 5) and on the pack's tiles (DECODE_TILE,
+    DECODE_BLEND); time, peak memory and PSNR against untiled. Session 5's first run also timed
+    channels_last layouts: slower (bench/NOTES.md)."""
+    from diffusers import AutoencoderKL
+
+    from loaders.model_detection import scaffold_config
+    from loaders.placement import DECODE_BLEND, DECODE_TILE
+
+    side = 1024 if CUDA else 96
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**scaffold_config("vae")).to(DEV, DT).eval()
+    z = torch.randn(1, 16, side // 8, side // 8, device=DEV, dtype=DT, generator=torch.Generator(DEV).manual_seed(0))
+    r, ref = {}, None
+    with torch.no_grad():
+        cases = (("untiled", 0, 0), ("tiles_512", 512, 128), ("tiles_pack", DECODE_TILE, DECODE_BLEND))
+        for label, tile, blend in cases:
+            if not CUDA and tile:
+                tile, blend = tile // 8, blend // 8  # a smoke test: small tiles on a small image
+            vae.use_tiling = tile > 0
+            if tile:
+                vae.tile_sample_min_size, vae.tile_latent_min_size = tile, tile // 8
+                vae.tile_overlap_factor = blend / tile
+            if CUDA:
+                torch.cuda.reset_peak_memory_stats()
+            ms = timed(lambda: vae.decode(z, return_dict=False)[0], reps=10 if CUDA else 1)
+            img = vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
+            ref = img if ref is None else ref
+            mse = torch.mean((img - ref) ** 2).item() / 4  # on 0..1 pixels
+            r[label] = {"ms": ms, "tile": tile, "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                        if CUDA else None, "psnr_vs_untiled_dB": round(10 * math.log10(1 / mse), 2) if mse else None}
+            print("vae", label, r[label], flush=True)
+    R["vae_decode"] = r
 
 
 def main():
-    for part in (gemms, attention, dequantize):
+    parts = (gemms, attention, dequantize, vae_decode)
+    wanted = os.environ.get("PARTS", ",".join(p.__name__ for p in parts)).split(",")
+    for part in (p for p in parts if p.__name__ in wanted):
         try:
             part()
         except Exception as e:  # noqa: BLE001

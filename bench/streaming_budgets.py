@@ -267,6 +267,17 @@ def main():
                 profile(parts, label)
             except Exception as e:  # noqa: BLE001
                 R["runs"][label]["profile_error"] = repr(e)[:500]
+    if os.environ.get("DEQUANT_AB") == "1":  # fp8 rows again with the per-matrix dequantisation
+        from loaders import block_dequant
+
+        block_dequant._failed = True
+        for label, budget, storage in [c for c in configs if c[2] == "fp8"]:
+            label += "_per_matrix_dequant"
+            try:
+                outputs[label] = run_pack(parts, label, budget, storage, ctx, total)
+            except Exception as e:  # noqa: BLE001
+                R["runs"][label] = {"error": repr(e)[:500]}
+        block_dequant._failed = False
     ref = outputs.get("unlimited_bf16")
     for label, o in outputs.items():
         if ref is None or o is None or label == "unlimited_bf16":

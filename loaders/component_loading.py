@@ -18,6 +18,7 @@ from torch import nn
 from . import key_names, model_detection
 from .errors import ZImageError
 from .fused_norms import use_fused_norms
+from .group_norm import use_spread_group_norms
 from .real_rope import use_real_rope
 from .weight_source import WeightSource
 
@@ -193,6 +194,7 @@ def load_vae(path: str, dtype: torch.dtype = torch.float32) -> LoadedComponent:
         with torch.device("meta"):
             module = AutoencoderKL(**config)
         _fill(module, src, resolve, dtype, fix)
+        use_spread_group_norms(module)
         return LoadedComponent(_finish(module, "VAE"), config, src.where,
                                "original" if original else "diffusers", _source_dtype(src))
     finally:

@@ -179,10 +179,12 @@ def dequantize():
 def vae_decode():
     """The Flux VAE's decode at 1024x1024 in bf16 (weights already on the GPU): untiled, on 512-pixel
     tiles overlapping by 128 (the pack until session 5) and on the pack's tiles (DECODE_TILE,
-    DECODE_BLEND); time, peak memory and PSNR against untiled. Session 5's first run also timed
+    DECODE_BLEND), with PyTorch's GroupNorm and with loaders.group_norm's; time, peak memory and
+    PSNR against untiled with PyTorch's. Also one 1024x1024x128 GroupNorm alone. Session 5's first run also timed
     channels_last layouts: slower (bench/NOTES.md)."""
     from diffusers import AutoencoderKL
 
+    from loaders.group_norm import use_spread_group_norms
     from loaders.model_detection import scaffold_config
     from loaders.placement import DECODE_BLEND, DECODE_TILE
 
@@ -192,8 +194,11 @@ def vae_decode():
     z = torch.randn(1, 16, side // 8, side // 8, device=DEV, dtype=DT, generator=torch.Generator(DEV).manual_seed(0))
     r, ref = {}, None
     with torch.no_grad():
-        cases = (("untiled", 0, 0), ("tiles_512", 512, 128), ("tiles_pack", DECODE_TILE, DECODE_BLEND))
+        cases = (("untiled", 0, 0), ("tiles_512", 512, 128), ("tiles_pack", DECODE_TILE, DECODE_BLEND),
+                 ("untiled_spread_gn", 0, 0), ("tiles_pack_spread_gn", DECODE_TILE, DECODE_BLEND))
         for label, tile, blend in cases:
+            if label.endswith("spread_gn"):
+                use_spread_group_norms(vae)
             if not CUDA and tile:
                 tile, blend = tile // 8, blend // 8  # a smoke test: small tiles on a small image
             vae.use_tiling = tile > 0
@@ -206,9 +211,19 @@ def vae_decode():
             img = vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
             ref = img if ref is None else ref
             mse = torch.mean((img - ref) ** 2).item() / 4  # on 0..1 pixels
-            r[label] = {"ms": ms, "tile": tile, "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                        if CUDA else None, "psnr_vs_untiled_dB": round(10 * math.log10(1 / mse), 2) if mse else None}
+            peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if CUDA else None
+            r[label] = {"ms": ms, "tile": tile, "peak_GiB": peak,
+                        "psnr_vs_untiled_dB": round(10 * math.log10(1 / mse), 2) if mse else float("inf")}
             print("vae", label, r[label], flush=True)
+        from loaders.group_norm import group_norm
+
+        x = torch.randn(1, 128, side, side, device=DEV, dtype=DT) * 2 + 0.5
+        w, b = torch.randn(128, device=DEV, dtype=DT), torch.randn(128, device=DEV, dtype=DT)
+        exact = F.group_norm(x.double(), 32, w.double(), b.double(), 1e-6)
+        for label, fn in (("pytorch", F.group_norm), ("spread", group_norm)):
+            r[f"group_norm_{label}"] = {"ms": timed(lambda: fn(x, 32, w, b, 1e-6)),
+                                        "max_abs_err": (fn(x, 32, w, b, 1e-6).double() - exact).abs().max().item()}
+        print("group_norm", r["group_norm_pytorch"], r["group_norm_spread"], flush=True)
     R["vae_decode"] = r
 
 

@@ -31,6 +31,7 @@ from smi_peak import SmiPeak  # noqa: E402
 
 from loaders.fused_norms import use_plain_norms  # noqa: E402
 from loaders.generation import decode, denoise  # noqa: E402
+from loaders.group_norm import use_plain_group_norms  # noqa: E402
 from loaders.pipeline_loading import load_parts  # noqa: E402
 from loaders.placement import GiB, Storage, plan_memory  # noqa: E402
 from loaders.real_rope import use_complex_rope  # noqa: E402
@@ -174,6 +175,7 @@ def run_diffusers(parts, pos, ctx, total):
     use_plain_norms(tr)  # diffusers as it ships, not with the pack's fused norms and real RoPE
     use_complex_rope(tr)
     vae = parts.vae.component.module.to(torch.bfloat16)
+    use_plain_group_norms(vae)
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     pipe = ZImagePipeline(scheduler=sched, vae=vae, text_encoder=parts.text_encoder.component.module,
                           tokenizer=parts.text_encoder.tokenizer, transformer=tr)
@@ -278,6 +280,21 @@ def main():
             except Exception as e:  # noqa: BLE001
                 R["runs"][label] = {"error": repr(e)[:500]}
         block_dequant._failed = False
+    if os.environ.get("MOVEBACK_AB") == "1":  # rows with moved-out blocks again, their copies back
+        from loaders.streaming import BlockStreamer  # all issued at once on a stream of their own
+
+        def at_once(self, copies):
+            side = torch.cuda.Stream()
+            for _, c in copies:
+                c.issue(side)
+        interleave, BlockStreamer.interleave = BlockStreamer.interleave, at_once
+        for label, budget, storage in [c for c in configs if c[1] in (12, 8, 6)]:
+            label += "_copies_back_at_once"
+            try:
+                outputs[label] = run_pack(parts, label, budget, storage, ctx, total)
+            except Exception as e:  # noqa: BLE001
+                R["runs"][label] = {"error": repr(e)[:500]}
+        BlockStreamer.interleave = interleave
     ref = outputs.get("unlimited_bf16")
     for label, o in outputs.items():
         if ref is None or o is None or label == "unlimited_bf16":

@@ -73,7 +73,7 @@ def psnr(a, b):
     return 10 * math.log10(1.0 / mse) if mse > 0 else float("inf")
 
 
-PROMPTS = [f"a red fox in the snow, photograph {i}" for i in range(20)]
+PROMPTS = [f"a red fox in the snow, photograph {i}" for i in range(64)]
 
 
 def run_pack(parts, label: str, budget_gb: float, storage: str, ctx: int, total: int, images: int = 3):
@@ -123,7 +123,7 @@ def run_pack(parts, label: str, budget_gb: float, storage: str, ctx: int, total:
         for i in range(1, 3):  # (b) a new prompt each image
             sync()
             t0 = time.perf_counter()
-            p = phase("encode", parts.text_encoder.encode, PROMPTS[i + len(R["runs"]) * 2])
+            p = phase("encode", parts.text_encoder.encode, PROMPTS[(i + len(R["runs"]) * 2) % len(PROMPTS)])
             out, _ = denoise(parts, p, None, latent, seed=10 + i, steps=STEPS)
             decode(parts.vae, out)
             sync()

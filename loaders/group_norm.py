@@ -101,13 +101,22 @@ def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: 
     return scale_shift(x, scale, shift)
 
 
+_failed = False  # the kernels failed to build here once (a GPU Triton does not support): PyTorch's
+
+
 class SpreadGroupNorm(nn.GroupNorm):
     """nn.GroupNorm computed by `group_norm` for contiguous CUDA tensors when Triton is there."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cuda" or triton is None or not x.is_contiguous() or x.ndim < 3:
-            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        global _failed
+        if x.device.type == "cuda" and triton is not None and not _failed and x.is_contiguous() and x.ndim >= 3:
+            try:
+                return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception:  # noqa: BLE001  (compiling failed: PyTorch's kernel from now on)
+                _failed = True
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
 def use_spread_group_norms(module: nn.Module) -> int:

@@ -270,6 +270,57 @@ def test_blocks_moved_out_for_a_decode_come_back_for_the_next_run_bit_for_bit(pa
     assert sizes() == full and torch.equal(run(parts), reference)
 
 
+def test_a_run_stopped_before_its_blocks_came_back_leaves_no_stale_weights(parts, monkeypatch):
+    """Blocks moved out for a decode get their copies back when the next run reaches them; if that
+    run stops first, the copies still pending are finished before anything reads those blocks
+    back to host memory (another move-out, a release), so no uninitialised buffer is kept."""
+    from zimage_nodes.loaders import generation
+    from zimage_nodes.loaders.generation import decode
+    from zimage_nodes.loaders.host_cache import HOST_CACHE
+    from zimage_nodes.loaders.placement import MemoryPlan
+
+    reference = run(parts)
+    names = use_plan(parts, ["gpu", "gpu", "pinned", "gpu"])
+    parts.runtime.plan = dataclasses.replace(parts.runtime.plan, host_budget_bytes=2**30)
+    latent = run(parts)
+    moved = (names[3], names[0])
+    monkeypatch.setattr(MemoryPlan, "decode_plan", lambda self, height, width, batch: (moved, False))
+    h = parts.transformer
+
+    class Stop(RuntimeError):
+        pass
+
+    real = generation.Velocity.__call__
+
+    def stopped_in_the_first_block(self, x, t):
+        block = self.transformer.get_submodule(names[1])
+        hook = block.register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(Stop("interrupted")))
+        try:
+            return real(self, x, t)
+        finally:
+            hook.remove()
+
+    from zimage_nodes.loaders.streaming import BlockStreamer
+
+    for then in ("move out again", "release"):
+        decode(parts.vae, latent)
+        monkeypatch.setattr(generation.Velocity, "__call__", stopped_in_the_first_block)
+        # this tiny model streams one block, so the copies back would go at once: hold them
+        monkeypatch.setattr(BlockStreamer, "interleave", lambda self, copies: None)
+        with pytest.raises(Stop):
+            run(parts)
+        monkeypatch.undo()
+        monkeypatch.setattr(MemoryPlan, "decode_plan", lambda self, height, width, batch: (moved, False))
+        assert not h._deferred[names[3]].issued  # the run stopped before the last block
+        HOST_CACHE.clear()  # host copies are made again from the GPU copies
+        if then == "move out again":
+            decode(parts.vae, latent)
+        else:
+            parts.release()
+        assert not h._deferred
+        assert torch.equal(run(parts), reference)
+
+
 def test_copies_slipped_in_between_streamed_blocks_go_when_their_block_is_near(pack):
     """BlockStreamer.interleave: a copy whose block the model calls after streamed block d - 1 goes
     on the link once the streamer is n_buffers blocks from it, not at the start of the run."""

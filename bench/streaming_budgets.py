@@ -233,6 +233,17 @@ def run_diffusers(parts, pos, ctx, total):
             save()
 
 
+def rerun(parts, configs, suffix: str, ctx: int, total: int, outputs: dict) -> None:
+    """`configs` again under `label + suffix` (same-run A/B rows)."""
+    for label, budget, storage in configs:
+        label += suffix
+        try:
+            outputs[label] = run_pack(parts, label, budget, storage, ctx, total)
+        except Exception as e:  # noqa: BLE001
+            R["runs"][label] = {"error": repr(e)[:500]}
+            print(label, "FAILED", repr(e)[:500], flush=True)
+
+
 def main():
     log("h2d_pinned_GBps", round(h2d_rate() / 1e9, 1))
     paths = write(WORK)
@@ -273,12 +284,7 @@ def main():
         from loaders import block_dequant
 
         block_dequant._failed = True
-        for label, budget, storage in [c for c in configs if c[2] == "fp8"]:
-            label += "_per_matrix_dequant"
-            try:
-                outputs[label] = run_pack(parts, label, budget, storage, ctx, total)
-            except Exception as e:  # noqa: BLE001
-                R["runs"][label] = {"error": repr(e)[:500]}
+        rerun(parts, [c for c in configs if c[2] == "fp8"], "_per_matrix_dequant", ctx, total, outputs)
         block_dequant._failed = False
     if os.environ.get("MOVEBACK_AB") == "1":  # rows with moved-out blocks again, their copies back
         from loaders.streaming import BlockStreamer  # all issued at once on a stream of their own
@@ -288,12 +294,7 @@ def main():
             for _, c in copies:
                 c.issue(side)
         interleave, BlockStreamer.interleave = BlockStreamer.interleave, at_once
-        for label, budget, storage in [c for c in configs if c[1] in (12, 8, 6)]:
-            label += "_copies_back_at_once"
-            try:
-                outputs[label] = run_pack(parts, label, budget, storage, ctx, total)
-            except Exception as e:  # noqa: BLE001
-                R["runs"][label] = {"error": repr(e)[:500]}
+        rerun(parts, [c for c in configs if c[1] in (12, 8, 6)], "_copies_back_at_once", ctx, total, outputs)
         BlockStreamer.interleave = interleave
     ref = outputs.get("unlimited_bf16")
     for label, o in outputs.items():

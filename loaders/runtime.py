@@ -80,9 +80,9 @@ class DeferredCopy:
     """A block's way back to the GPU after a decode moved it out: its buffer is allocated and bound
     now, its copy issued later on a copy stream - by a streamer between its own copies
     (BlockStreamer.interleave), or at the latest by the block's own call - and the compute stream
-    waits for it only at that call. Issued all at once when the run started, the copies of five
-    blocks (1.8 GB, 33 ms at 55 GB/s) held up the first step's streamed blocks (H100,
-    bench/streaming_budgets.py)."""
+    waits for it only at that call. Issued all at once when a run starts, they take the link from
+    its first streamed blocks: 12 GiB, 0.120 s a step against 0.116 slipped in (H100, one run of
+    bench/streaming_budgets.py with MOVEBACK_AB=1)."""
 
     def __init__(self, block: nn.Module, host: HostBlock, device: torch.device):
         self.host, self.device = host, device
@@ -109,11 +109,6 @@ class DeferredCopy:
             self.host.copy_into(self.buf, non_blocking=True)
         self.buf.record_stream(stream)  # not reused before the copy lands, whatever happens
         self.copied = stream.record_event()
-
-    def cancel(self) -> None:
-        """The block goes (moved out again before it ran, or released): no copy, no hook."""
-        self.issued = True
-        self._hook.remove()
 
     def _before_call(self, module, args) -> None:
         self._hook.remove()

@@ -47,8 +47,11 @@ DECODE_TILE = 640
 DECODE_BLEND = 128
 # A decode that does not fit beside the resident blocks moves some of them out (those with a
 # pinned copy) rather than tile, when that frees enough within this many bytes: they come back at
-# the next run at PCIe speed (4 GiB: 0.08 s at 55 GB/s, 0.35 s at 12), where tiles cost 2-3x an
-# untiled decode (H100, 1024x1024: 0.22-0.29 s against 0.09; bench/streaming_budgets.py).
+# the next run at PCIe speed (4 GiB: 0.08 s at 55 GB/s, 0.35 s at 12), hidden behind compute where
+# the link has room. Tiles cost 1.7-2.5x an untiled decode (H100, 1024x1024, 640-pixel tiles:
+# 0.08-0.19 s in a streaming run against 0.07-0.08; bench/streaming_budgets.py). Where the link is
+# the limit (8 GiB bf16: 1.45 GB back, ~26 ms) the two come out about even; not re-tuned since the
+# faster tiles.
 DECODE_MOVE_OUT_MAX_BYTES = 4 * GiB
 DECODE_MOVE_OUT_SLACK_BYTES = 512 * MiB
 # Prefetch depth of the streamer: with 2, copies stalled where block compute times vary

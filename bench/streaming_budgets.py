@@ -283,9 +283,9 @@ def main():
     if os.environ.get("DEQUANT_AB") == "1":  # fp8 rows again with the per-matrix dequantisation
         from loaders import block_dequant
 
-        block_dequant._failed = True
+        block_dequant.launch.failed = True
         rerun(parts, [c for c in configs if c[2] == "fp8"], "_per_matrix_dequant", ctx, total, outputs)
-        block_dequant._failed = False
+        block_dequant.launch.failed = False
     if os.environ.get("MOVEBACK_AB") == "1":  # rows with moved-out blocks again, their copies back
         from loaders.streaming import BlockStreamer  # all issued at once on a stream of their own
 

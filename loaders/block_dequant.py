@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from .gpu_kernels import Guarded
+
 try:  # Triton ships with PyTorch's CUDA wheels on Linux; not on CPU builds, often not on Windows
     import triton
     import triton.language as tl
@@ -75,7 +77,13 @@ class ChunkTable:
         return cls(torch.tensor(out, dtype=torch.int32)) if out else None
 
 
-_failed = False
+def _launch(stage: torch.Tensor, compute: torch.Tensor, table: torch.Tensor) -> bool:
+    _dequant_chunks[(table.shape[0],)](stage, stage.view(torch.float32), compute.view(torch.bfloat16), table,
+                                       R=_TILE_ROWS, C=_TILE_COLS, num_warps=_WARPS)
+    return True
+
+
+launch = Guarded(_launch)
 
 
 def dequantize_block(stage: torch.Tensor, compute: torch.Tensor, table: torch.Tensor) -> bool:
@@ -83,15 +91,4 @@ def dequantize_block(stage: torch.Tensor, compute: torch.Tensor, table: torch.Te
     float32 scales) into `compute` (uint8: bf16 rows), on the current CUDA stream. False, with
     nothing written, where the kernel cannot run: no Triton, not a CUDA device, or it failed once
     (GPUs before Ada have no fp8 conversion in Triton); the caller converts another way."""
-    global _failed
-    if triton is None or _failed or stage.device.type != "cuda":
-        return False
-    try:
-        _dequant_chunks[(table.shape[0],)](stage, stage.view(torch.float32), compute.view(torch.bfloat16), table,
-                                           R=_TILE_ROWS, C=_TILE_COLS, num_warps=_WARPS)
-    except torch.OutOfMemoryError:
-        raise
-    except Exception:  # noqa: BLE001  (compiling failed: the compiled-PyTorch path from now on)
-        _failed = True
-        return False
-    return True
+    return triton is not None and stage.device.type == "cuda" and bool(launch(stage, compute, table))

@@ -5,7 +5,7 @@ torch.compile fuses a short function into one or two kernels. The functions here
 on first use with a CUDA tensor, with dynamic shapes (one graph for every size) or static ones
 (a graph per size, faster where the sizes are few). Without a compiler (no Triton, e.g. many
 Windows installs), if compiling or running the compiled form fails, or on a CPU, the function
-runs eagerly: same math, more passes.
+runs eagerly: same math, more passes. Hand-written Triton kernels go through `Guarded`.
 """
 from __future__ import annotations
 
@@ -35,3 +35,23 @@ class Fused:
             except Exception:  # noqa: BLE001  (no compiler here: eager from now on)
                 self._failed = True
         return self.fn(*args)
+
+
+class Guarded:
+    """`fn`, which launches hand-written Triton kernels, until it fails once (a GPU or install
+    Triton cannot build for): from then on, and after it, None, and the caller runs PyTorch's
+    own path. Out-of-memory errors go on to the caller."""
+
+    def __init__(self, fn: Callable):
+        self.fn, self.failed = fn, False
+
+    def __call__(self, *args):
+        if self.failed:
+            return None
+        try:
+            return self.fn(*args)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:  # noqa: BLE001  (Triton could not build or launch it here)
+            self.failed = True
+            return None

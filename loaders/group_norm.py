@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .class_swap import swap_class
+from .gpu_kernels import Guarded
 
 try:
     import triton
@@ -101,21 +102,17 @@ def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: 
     return scale_shift(x, scale, shift)
 
 
-_failed = False  # the kernels failed to build here once (a GPU Triton does not support): PyTorch's
+_on_gpu = Guarded(group_norm)  # PyTorch's GroupNorm once the kernels failed to build here
 
 
 class SpreadGroupNorm(nn.GroupNorm):
     """nn.GroupNorm computed by `group_norm` for contiguous CUDA tensors when Triton is there."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        global _failed
-        if x.device.type == "cuda" and triton is not None and not _failed and x.is_contiguous() and x.ndim >= 3:
-            try:
-                return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception:  # noqa: BLE001  (compiling failed: PyTorch's kernel from now on)
-                _failed = True
+        if x.device.type == "cuda" and triton is not None and x.is_contiguous() and x.ndim >= 3:
+            y = _on_gpu(x, self.num_groups, self.weight, self.bias, self.eps)
+            if y is not None:
+                return y
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 

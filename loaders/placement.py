@@ -444,7 +444,7 @@ def plan_memory(sizes: ModelSizes, device: torch.device | str, budget_gb: float 
     if not cache_resident:
         return plan
     plan = with_resident_cache(plan)
-    moved, tiled = plan.decode_plan(height, width, batch)
+    moved = plan.decode_plan(height, width, batch)[0]
     if not moved:
         return plan
     out = [Where.PINNED if name in moved else w for (name, _), w in zip(sizes.transformer_blocks, where)]

@@ -37,3 +37,25 @@ def test_the_vae_loads_with_spread_group_norms_and_a_benchmark_can_undo_them(tin
                                                  norms[0].eps))  # a CPU: PyTorch's own kernel
     use_plain_group_norms(vae)
     assert all(type(m) is nn.GroupNorm for m in vae.modules() if isinstance(m, nn.GroupNorm))
+
+
+def test_a_kernel_that_fails_once_is_not_tried_again_and_out_of_memory_goes_on(pack):
+    from zimage_nodes.loaders.gpu_kernels import Guarded
+
+    calls = []
+
+    def kernel(x):
+        calls.append(x)
+        if x == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        if x == "bad":
+            raise RuntimeError("PassManager::run failed")  # what Triton says for an unsupported GPU
+        return x * 2
+
+    k = Guarded(kernel)
+    assert k(3) == 6
+    with pytest.raises(torch.OutOfMemoryError):
+        k("oom")
+    assert k(4) == 8 and not k.failed  # out of memory is the caller's, not the kernel's fault
+    assert k("bad") is None and k.failed
+    assert k(5) is None and calls == [3, "oom", 4, "bad"]  # never launched again

@@ -1,7 +1,8 @@
 """Kernel-level options for a Z-Image step, timed on one GPU in one run: fused vs separate q/k/v
 and w1/w3 GEMMs at a 1024x1024 step's shapes, SDPA backends at its attention shape, the fp8
 dequantisation of a streamed block (compiled per matrix, dynamic vs static shapes, or one Triton
-launch), and the VAE decode in the default vs the channels_last memory layout.
+launch), the VAE decode in the default vs the channels_last memory layout, and one layer block
+eager vs compiled with inductor's tuning options.
 
     python bench/kernel_options.py        # env: OUT (results folder), PARTS (e.g. dequantize,vae_decode)
 Without a GPU it runs a smoke test of itself at tiny sizes on the CPU.
@@ -227,8 +228,65 @@ def vae_decode():
     R["vae_decode"] = r
 
 
+def compiled_block():
+    """One full-size layer block as the sampler runs it (fused norms, RoPE on reals under compile)
+    at a 1024x1024 step's shape: eager, compiled as the pack compiles it, and inductor's tuning
+    options; ms per call, max difference from eager, and the block's 7 GEMMs and attention alone
+    (what is left is elementwise work and launch spacing)."""
+    import torch._dynamo
+    import torch._inductor.config as inductor
+    from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
+
+    from loaders.fused_norms import use_fused_norms
+    from loaders.real_rope import use_real_rope
+
+    dim, heads, tokens, hidden = (3840, 30, 4128, 10240) if CUDA else (64, 2, 48, 170)
+    torch.manual_seed(0)
+    blk = ZImageTransformerBlock(0, dim, heads, heads, 1e-5, True).to(DEV, DT).eval()
+    with torch.no_grad():
+        for n, p in blk.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.02 if p.ndim >= 2 else torch.ones_like(p) if "norm" in n
+                    else torch.zeros_like(p))
+    use_fused_norms(blk)
+    use_real_rope(blk)
+    x = torch.randn(1, tokens, dim, device=DEV, dtype=DT)
+    ang = torch.rand(1, tokens, dim // heads // 2, device=DEV) * 6.28
+    freqs = torch.polar(torch.ones_like(ang), ang)
+    ada = torch.randn(1, min(dim, 256), device=DEV, dtype=DT)
+    r: dict = {"tokens": tokens}
+    with torch.no_grad():
+        ref = blk(x, None, freqs, ada)
+        r["eager_ms"] = timed(lambda: blk(x, None, freqs, ada))
+        ws = [blk.attention.to_q.weight, blk.attention.to_k.weight, blk.attention.to_v.weight,
+              blk.attention.to_out[0].weight, blk.feed_forward.w1.weight, blk.feed_forward.w3.weight]
+        h = torch.randn(1, tokens, hidden, device=DEV, dtype=DT)
+        w2 = blk.feed_forward.w2.weight
+        r["gemms_ms"] = timed(lambda: ([F.linear(x, w) for w in ws], F.linear(h, w2)))
+        q = torch.randn(1, heads, tokens, dim // heads, device=DEV, dtype=DT)
+        r["attention_ms"] = timed(lambda: F.scaled_dot_product_attention(q, q, q))
+        variants = {"compiled": ({}, None), "coordinate_descent": ({"coordinate_descent_tuning": True}, None),
+                    "max_autotune_no_cudagraphs": ({}, "max-autotune-no-cudagraphs")}
+        for name, (cfg, mode) in variants.items():
+            torch._dynamo.reset()
+            try:
+                with inductor.patch(cfg):
+                    fn = torch.compile(type(blk).forward, mode=mode)
+                    t = time.perf_counter()
+                    out = fn(blk, x, None, freqs, ada)
+                    r[name + "_compile_s"] = round(time.perf_counter() - t, 1)
+                    r[name + "_ms"] = timed(lambda: fn(blk, x, None, freqs, ada))
+                r[name + "_max_diff"] = round((out.float() - ref.float()).abs().max().item(), 4)
+            except Exception as e:  # noqa: BLE001
+                r[name + "_ms"] = repr(e)[:200]
+            print("compiled_block", name, {k: v for k, v in r.items() if k.startswith(name)}, flush=True)
+            R["compiled_block"] = r
+            save()
+    torch._dynamo.reset()
+    print("compiled_block", r, flush=True)
+
+
 def main():
-    parts = (gemms, attention, dequantize, vae_decode)
+    parts = (gemms, attention, dequantize, vae_decode, compiled_block)
     wanted = os.environ.get("PARTS", ",".join(p.__name__ for p in parts)).split(",")
     for part in (p for p in parts if p.__name__ in wanted):
         try:

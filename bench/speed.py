@@ -117,7 +117,8 @@ def run_pack(parts, pos, label, attention="sdpa", compile_blocks=False, matmul="
 
 def profile(parts, pos, label):
     """Where one image's GPU time goes (`label`: compiled_bf16 or compiled_fp8 or eager_bf16),
-    after a warm-up: the top kernels by CUDA time, to $OUT/profile_<label>.txt."""
+    after a warm-up: the top kernels by CUDA time, to $OUT/profile_<label>.txt, and its trace to
+    $OUT/trace_<label>.json.gz."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -138,6 +139,8 @@ def profile(parts, pos, label):
     with open(os.path.join(OUT, f"profile_{label}.txt"), "w") as f:
         f.write(table)
     print(table[:6000], flush=True)
+    if CUDA:  # for bench/trace_gaps.py
+        prof.export_chrome_trace(os.path.join(OUT, f"trace_{label}.json.gz"))
 
 
 def resolutions(parts, pos):

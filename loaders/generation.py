@@ -84,13 +84,17 @@ def denoise(parts: ZImagePipelineParts, positive: torch.Tensor, negative: torch.
     try:
         plan = rt.plan_for(latent.shape[-2] * 8, latent.shape[-1] * 8,
                            latent.shape[0] * (2 if negative is not None and cfg > 1.0 else 1))
-        with parts.transformer.on_device(plan) as tr, attention.attention_backend(tr, backend), \
+        # The inputs reach the GPU before the weights start streaming (sampling.start).
+        begin = sampling.start(latent, seed, steps, sampler, shift, denoise, rt.device)
+        positive = positive.to(rt.device, rt.dtype)
+        negative = negative.to(rt.device, rt.dtype) if negative is not None and cfg > 1.0 else None
+        with parts.transformer.on_device(plan, passes=steps) as tr, attention.attention_backend(tr, backend), \
                 compiled_blocks.compiled(tr, compile_blocks, compile_backend) as compile_report:
             v = Velocity(tr, positive, negative, cfg, rt.device, rt.dtype)
             start = time.perf_counter()
             # No synchronisation per step: the GPU keeps its queue and the streamer its prefetch
             # across step boundaries; sample() returns a CPU tensor, which waits for the end.
-            out = sampling.sample(v, latent, seed, steps, sampler, shift, denoise, hooks)
+            out = sampling.sample(v, begin, sampler, hooks)
             total = time.perf_counter() - start
     except BaseException:
         free_device_cache(rt.device, collect=True)  # activations of the failed step

@@ -153,7 +153,9 @@ class TransformerHandle:
         runtime.move_out = self.move_out
 
     @contextmanager
-    def on_device(self, plan: MemoryPlan) -> Iterator[nn.Module]:
+    def on_device(self, plan: MemoryPlan, passes: int | None = None) -> Iterator[nn.Module]:
+        """The transformer on its devices for one run; `passes`: how many forwards the run makes
+        (BlockStreamer)."""
         module = self.component.module
         fp8 = plan.matmul == Matmul.FP8
         if all(w == Where.CPU for _, w in plan.blocks) and not fp8:
@@ -178,7 +180,8 @@ class TransformerHandle:
             for sub in plan.device_plans or (plan,):  # each GPU streams its own blocks over its own link
                 blocks = [(self._replica.get_submodule(n), self._host[n]) for n, _ in sub.blocks if n in self._host]
                 if blocks:
-                    streamers.append(BlockStreamer(blocks, torch.device(block_device[blocks[0][1].name])).attach())
+                    streamers.append(BlockStreamer(blocks, torch.device(block_device[blocks[0][1].name]),
+                                                   passes=passes).attach())
             if returning and len(streamers) == 1 and not plan.device_plans:
                 streamers[0].interleave(returning)  # slipped in between the streamed blocks' copies
             elif returning:  # nothing streamed, or several GPUs: all now, on a stream of their own
@@ -365,7 +368,8 @@ class TextEncoderHandle:
         te = device_copy(module, device, self.runtime.dtype, lambda name: (
             Copy.HOST if name.startswith("embed_tokens.")  # looked up on the CPU: 0.7 GB of table for a few rows
             else Copy.PLACEHOLDER if _block_of(name, self._names) else Copy.DEVICE))
-        streamer = BlockStreamer([(te.get_submodule(n), h) for n, h in self._layers(plan).items()], device).attach()
+        streamer = BlockStreamer([(te.get_submodule(n), h) for n, h in self._layers(plan).items()], device,
+                                 passes=1).attach()
         try:
             return encode_prompt(te, self.tokenizer, prompt).to("cpu")
         finally:

@@ -42,6 +42,18 @@ def test_noise_is_comfyui_and_diffusers_noise(pack):
     assert torch.equal(make_noise((2, 16, 8, 8), 7), ref)
 
 
+def test_a_run_starts_from_the_seed_s_noise_or_from_the_latent_noised_to_the_first_sigma(pack):
+    from zimage_nodes.loaders.sampling import latent_to_model, make_noise, sigmas, start
+
+    src = torch.randn(1, 16, 4, 6)
+    full = start(src, 5, 3, "euler")  # text-to-image: the latent's content plays no part
+    assert torch.equal(full.x, make_noise((1, 16, 4, 6), 5)) and torch.equal(full.x, start(src * 0, 5, 3, "euler").x)
+    sig = sigmas("res_multistep", 4, 3.0, 0.5)
+    part = start(src, 5, 4, "res_multistep", 3.0, 0.5)
+    assert torch.equal(part.sig, sig) and part.levels == sig.tolist() and len(part.levels) == 5
+    assert torch.equal(part.x, sig[0] * make_noise((1, 16, 4, 6), 5) + (1 - sig[0]) * latent_to_model(src))
+
+
 def test_batch_size_comes_from_the_latent_and_images_differ(parts, pack):
     from zimage_nodes.loaders.generation import denoise
 

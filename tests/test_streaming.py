@@ -58,10 +58,37 @@ def test_each_streamed_block_is_copied_once_per_step_through_a_fixed_pool(parts)
     use_plan(parts, ["pinned", "gpu", "pinned", "pinned"])
     run(parts, steps=4)
     s = parts.transformer.last_streamer
-    # the pool (3 buffers for 3 streamed blocks) filled at attach, then one copy per streamed
-    # block call: 3 blocks x 4 steps
-    assert s.n == 3 and s.copies == 3 + 3 * 4
+    # the pool (3 buffers for 3 streamed blocks) filled at attach, then a copy after each
+    # streamed block call, for the call 3 ahead: 3 blocks x 4 steps, none for a fifth step
+    assert s.n == 3 and s.copies == 3 * 4
     assert len(s.stage) == 0  # closed after the run: the buffers are gone
+
+
+@pytest.mark.parametrize("passes, copies", [(None, 2 + 3 * 5), (3, 3 * 5), (1, 5)])
+def test_the_last_pass_copies_no_block_for_a_pass_that_never_comes(pack, passes, copies):
+    """BlockStreamer(passes=k) stops copying where the k-th pass ends; without it the copies wrap
+    around to the next pass's first blocks. Either way each call finds its own weights."""
+    from torch import nn
+
+    from zimage_nodes.loaders.streaming import BlockStreamer, HostBlock
+
+    torch.manual_seed(0)
+    blocks = [nn.Linear(8, 8) for _ in range(5)]
+    x = torch.randn(2, 8)
+    ref = [x]
+    with torch.no_grad():
+        for _ in range(3):
+            for b in blocks:
+                ref.append(b(ref[-1]))
+        streamer = BlockStreamer([(b, HostBlock(str(i), b, "bf16", True, torch.float32))
+                                  for i, b in enumerate(blocks)], torch.device("cpu"), n_buffers=2,
+                                 passes=passes).attach()
+        for _ in range(passes or 3):
+            for b in blocks:
+                x = b(x)
+    assert streamer.copies == copies
+    assert torch.equal(x, ref[5 * (passes or 3)])
+    streamer.close()
 
 
 def test_blocks_copied_out_of_the_mapping_are_read_ahead_of_their_copy(parts, monkeypatch):

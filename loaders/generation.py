@@ -10,6 +10,7 @@ from torch import nn
 
 from . import attention, compiled_blocks, sampling
 from .errors import ZImageError
+from .pinned_memory import to_host
 from .placement import DECODE_BLEND, DECODE_TILE
 from .runtime import VAEHandle, ZImagePipelineParts, free_device_cache
 
@@ -126,7 +127,7 @@ def decode(vae: VAEHandle, latent: torch.Tensor, tiled: bool | None = None) -> t
         w = next(m.parameters())
         z = latent.to(w.device, w.dtype)
         img = m.decode(z, return_dict=False)[0]
-        img = (img.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+        img = to_host((img.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1))
     return img
 
 

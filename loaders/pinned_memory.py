@@ -78,3 +78,41 @@ def _clear_cuda_error() -> None:
 
 
 _GET_LAST_ERROR = None
+
+
+class _Owner:
+    """What a staging buffer's page lock lives as long as (object() takes no weak references)."""
+
+
+class HostStage:
+    """Device-to-host copies through one page-locked buffer, kept and grown as needed.
+
+    `.cpu()` of an image into fresh pageable memory ran at 0.5 GB/s on the H100 machine (23.6 ms
+    for a 1024² float32 image: the driver faults the destination's pages in chunk by chunk while
+    the copy waits). Into page-locked memory the copy runs at PCIe speed; the CPU then copies it
+    out into an ordinary tensor with all its threads."""
+
+    def __init__(self):
+        self._buf: torch.Tensor | None = None
+        self._owner: _Owner | None = None
+
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` as a new contiguous tensor in ordinary host memory."""
+        t = t.contiguous()
+        nbytes = t.numel() * t.element_size()
+        if self._buf is None or self._buf.numel() < nbytes:
+            self._owner = _Owner()  # the old buffer's lock goes with the old owner
+            self._buf = pinned_buffer(nbytes, self._owner)
+        stage = self._buf[:nbytes].view(t.dtype).view(t.shape)
+        stage.copy_(t, non_blocking=True)
+        if t.device.type == "cuda":
+            torch.cuda.current_stream(t.device).synchronize()
+        return stage.clone()
+
+
+_STAGE = HostStage()
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """`t.cpu()`, through a page-locked buffer for a tensor on a GPU (HostStage)."""
+    return t if t.device.type == "cpu" else _STAGE.copy(t)

@@ -108,3 +108,20 @@ def test_pinned_buffers_are_exactly_the_size_asked_for(pack):
     owner = type("Owner", (), {})()
     buf = pinned_buffer(345 * 2**20 + 7, owner)
     assert buf.numel() == 345 * 2**20 + 7 and buf.dtype == torch.uint8
+
+
+def test_device_to_host_copies_through_one_kept_buffer_give_independent_tensors(pack):
+    """HostStage (the decoded image's way to the CPU): grown for a larger tensor, reused for a
+    smaller one, and what it returns owns its memory (the next copy does not change it)."""
+    from zimage_nodes.loaders.pinned_memory import HostStage
+
+    stage = HostStage()
+    a = torch.randn(2, 64, 48, 3).permute(0, 3, 1, 2)  # not contiguous, like the image before it
+    first = stage.copy(a)
+    buf = stage._buf
+    assert first.is_contiguous() and torch.equal(first, a)
+    small = stage.copy(torch.arange(10, dtype=torch.float64))
+    assert stage._buf is buf and torch.equal(small, torch.arange(10, dtype=torch.float64))
+    assert torch.equal(first, a)  # not overwritten by the second copy
+    big = torch.randn(3, 64, 64, 3)
+    assert torch.equal(stage.copy(big), big) and stage._buf is not buf and stage._buf.numel() >= big.numel() * 4

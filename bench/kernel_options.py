@@ -230,13 +230,15 @@ def vae_decode():
 
 def compiled_block():
     """One full-size layer block as the sampler runs it (fused norms, RoPE on reals under compile)
-    at a 1024x1024 step's shape: eager, compiled as the pack compiles it, and inductor's tuning
-    options; ms per call, max difference from eager, and the block's 7 GEMMs and attention alone
-    (what is left is elementwise work and launch spacing)."""
+    at a 1024x1024 step's shape, with q/k's norm and rotation in one kernel (norm_rope) and without:
+    eager, and compiled as the pack compiles it (TUNING=1 adds inductor's tuning options); ms per
+    call, max difference from eager without it, and the block's 7 GEMMs and attention alone (what
+    is left is elementwise work and launch spacing)."""
     import torch._dynamo
     import torch._inductor.config as inductor
     from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
 
+    from loaders import norm_rope
     from loaders.fused_norms import use_fused_norms
     from loaders.real_rope import use_real_rope
 
@@ -245,7 +247,7 @@ def compiled_block():
     blk = ZImageTransformerBlock(0, dim, heads, heads, 1e-5, True).to(DEV, DT).eval()
     with torch.no_grad():
         for n, p in blk.named_parameters():
-            p.copy_(torch.randn_like(p) * 0.02 if p.ndim >= 2 else torch.ones_like(p) if "norm" in n
+            p.copy_(torch.randn_like(p) * 0.02 if p.ndim >= 2 else 1 + 0.1 * torch.randn_like(p) if "norm" in n
                     else torch.zeros_like(p))
     use_fused_norms(blk)
     use_real_rope(blk)
@@ -254,9 +256,11 @@ def compiled_block():
     freqs = torch.polar(torch.ones_like(ang), ang)
     ada = torch.randn(1, min(dim, 256), device=DEV, dtype=DT)
     r: dict = {"tokens": tokens}
+    variants = {"compiled": ({}, None)}
+    if os.environ.get("TUNING") == "1":
+        variants |= {"coordinate_descent": ({"coordinate_descent_tuning": True}, None),
+                     "max_autotune_no_cudagraphs": ({}, "max-autotune-no-cudagraphs")}
     with torch.no_grad():
-        ref = blk(x, None, freqs, ada)
-        r["eager_ms"] = timed(lambda: blk(x, None, freqs, ada))
         ws = [blk.attention.to_q.weight, blk.attention.to_k.weight, blk.attention.to_v.weight,
               blk.attention.to_out[0].weight, blk.feed_forward.w1.weight, blk.feed_forward.w3.weight]
         h = torch.randn(1, tokens, hidden, device=DEV, dtype=DT)
@@ -264,29 +268,69 @@ def compiled_block():
         r["gemms_ms"] = timed(lambda: ([F.linear(x, w) for w in ws], F.linear(h, w2)))
         q = torch.randn(1, heads, tokens, dim // heads, device=DEV, dtype=DT)
         r["attention_ms"] = timed(lambda: F.scaled_dot_product_attention(q, q, q))
-        variants = {"compiled": ({}, None), "coordinate_descent": ({"coordinate_descent_tuning": True}, None),
-                    "max_autotune_no_cudagraphs": ({}, "max-autotune-no-cudagraphs")}
-        for name, (cfg, mode) in variants.items():
-            torch._dynamo.reset()
-            try:
-                with inductor.patch(cfg):
-                    fn = torch.compile(type(blk).forward, mode=mode)
-                    t = time.perf_counter()
-                    out = fn(blk, x, None, freqs, ada)
-                    r[name + "_compile_s"] = round(time.perf_counter() - t, 1)
-                    r[name + "_ms"] = timed(lambda: fn(blk, x, None, freqs, ada))
-                r[name + "_max_diff"] = round((out.float() - ref.float()).abs().max().item(), 4)
-            except Exception as e:  # noqa: BLE001
-                r[name + "_ms"] = repr(e)[:200]
-            print("compiled_block", name, {k: v for k, v in r.items() if k.startswith(name)}, flush=True)
-            R["compiled_block"] = r
-            save()
+        norm_rope.launch.failed = True
+        ref = blk(x, None, freqs, ada)
+        for fused in (False, True):
+            norm_rope.launch.failed = not fused
+            tag = "norm_rope_" if fused else ""
+            out = blk(x, None, freqs, ada)
+            r[tag + "eager_ms"] = timed(lambda: blk(x, None, freqs, ada))
+            r[tag + "eager_max_diff"] = round((out.float() - ref.float()).abs().max().item(), 4)
+            for name, (cfg, mode) in variants.items():
+                torch._dynamo.reset()
+                try:
+                    with inductor.patch(cfg):
+                        fn = torch.compile(type(blk).forward, mode=mode)
+                        t = time.perf_counter()
+                        out = fn(blk, x, None, freqs, ada)
+                        r[tag + name + "_compile_s"] = round(time.perf_counter() - t, 1)
+                        r[tag + name + "_ms"] = timed(lambda: fn(blk, x, None, freqs, ada))
+                    r[tag + name + "_max_diff"] = round((out.float() - ref.float()).abs().max().item(), 4)
+                except Exception as e:  # noqa: BLE001
+                    r[tag + name + "_ms"] = repr(e)[:200]
+                print("compiled_block", {k: v for k, v in r.items() if k.startswith(tag + name)}, flush=True)
+                R["compiled_block"] = r
+                save()
+            r["norm_rope_kernel_failed"] = norm_rope.launch.failed
+    norm_rope.launch.failed = False
     torch._dynamo.reset()
     print("compiled_block", r, flush=True)
 
 
+def norm_rope_kernel():
+    """q's RMSNorm and rotation at a step's shape: the eager composition, the same compiled, and the
+    one-kernel custom op (norm_rope); ms, and the op's difference from the eager composition, for
+    one image and for a batch of two with different angles."""
+    from loaders import norm_rope
+    from loaders.real_rope import rotate
+
+    heads, tokens, hd = (30, 4128, 128) if CUDA else (2, 48, 32)
+    torch.manual_seed(0)
+    w = (1 + 0.1 * torch.randn(hd, device=DEV)).to(DT)
+    r: dict = {}
+    for batch in (1, 2):
+        x = torch.randn(batch, tokens, heads, hd, device=DEV, dtype=DT) * 3
+        ang = torch.rand(batch, tokens, hd // 2, device=DEV) * 6.28
+        f = torch.polar(torch.ones_like(ang), ang)
+
+        def eager():
+            return rotate(F.rms_norm(x, (hd,), w, 1e-5), f)
+        ref = eager()
+        got = torch.ops.zimage_nodes.norm_rope(x, w, torch.view_as_real(f), 1e-5)
+        d = (got.float() - ref.float()).abs()
+        r[f"batch{batch}"] = {"max_abs_diff": round(d.max().item(), 5), "bitwise_equal_share": round(
+            (got == ref).float().mean().item(), 4), "kernel_failed": norm_rope.launch.failed}
+        if batch == 1:
+            compiled = torch.compile(eager)
+            r["eager_ms"], r["compiled_ms"] = timed(eager), timed(compiled)
+            r["op_ms"] = timed(lambda: torch.ops.zimage_nodes.norm_rope(x, w, torch.view_as_real(f), 1e-5))
+            r["op_GBps"] = round(2 * x.numel() * x.element_size() / r["op_ms"] / 1e6, 1)
+    R["norm_rope"] = r
+    print("norm_rope", r, flush=True)
+
+
 def main():
-    parts = (gemms, attention, dequantize, vae_decode, compiled_block)
+    parts = (gemms, attention, dequantize, vae_decode, compiled_block, norm_rope_kernel)
     wanted = os.environ.get("PARTS", ",".join(p.__name__ for p in parts)).split(",")
     for part in (p for p in parts if p.__name__ in wanted):
         try:

@@ -14,6 +14,7 @@ import functools
 import torch
 from torch import nn
 
+from . import norm_rope
 from .class_swap import swap_class
 
 
@@ -31,6 +32,30 @@ def rotate(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
 
 
+def norm_rotate(x: torch.Tensor, norm: nn.Module, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """`rotate(norm(x), freqs_cis)`: on a GPU in one kernel (norm_rope) where it fits, through a
+    custom op so that torch.compile calls it as it is; else as the two steps."""
+    weight = getattr(norm, "weight", None)
+    if (x.is_cuda and weight is not None and getattr(norm, "bias", None) is None
+            and norm_rope.fits(x, weight, torch.view_as_real(freqs_cis))):
+        return torch.ops.zimage_nodes.norm_rope(x, weight, torch.view_as_real(freqs_cis), float(norm.eps))
+    return rotate(norm(x), freqs_cis)
+
+
+def _norm_rope_op(x: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor, eps: float) -> torch.Tensor:
+    out = torch.empty_like(x)
+    if x.is_cuda and norm_rope.launch(x, weight, freqs, eps, out):
+        return out
+    y = torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)  # the kernel failed here
+    return rotate(y, torch.view_as_complex(freqs))
+
+
+# Registered once per process: the pack can be imported under two names (ComfyUI's and a test's).
+if not hasattr(torch.ops.zimage_nodes, "norm_rope"):
+    torch.library.custom_op("zimage_nodes::norm_rope", _norm_rope_op, mutates_args=()).register_fake(
+        lambda x, weight, freqs, eps: torch.empty_like(x))
+
+
 @functools.cache
 def _classes():
     from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor, dispatch_attention_fn
@@ -42,12 +67,15 @@ def _classes():
             query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
             key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
             value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
-            if attn.norm_q is not None:
-                query = attn.norm_q(query)
-            if attn.norm_k is not None:
-                key = attn.norm_k(key)
-            if freqs_cis is not None:
-                query, key = rotate(query, freqs_cis), rotate(key, freqs_cis)
+            if attn.norm_q is not None and attn.norm_k is not None and freqs_cis is not None:
+                query, key = norm_rotate(query, attn.norm_q, freqs_cis), norm_rotate(key, attn.norm_k, freqs_cis)
+            else:
+                if attn.norm_q is not None:
+                    query = attn.norm_q(query)
+                if attn.norm_k is not None:
+                    key = attn.norm_k(key)
+                if freqs_cis is not None:
+                    query, key = rotate(query, freqs_cis), rotate(key, freqs_cis)
             if attention_mask is not None and attention_mask.ndim == 2:
                 attention_mask = attention_mask[:, None, None, :]
             out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,

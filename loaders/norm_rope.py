@@ -6,9 +6,8 @@ copies back), ~0.15 ms for each of q and k of a layer at a 1024x1024 step on an 
 profile: ~10 ms a step); compiled, inductor fuses them into one reduction kernel that ran at 1 TB/s
 (63 us). Here one Triton program reads 16 head vectors once, takes their mean squares, scales,
 rounds to the weight's dtype (as the eager norm returns it), rotates the (even, odd) pairs by the
-token's angle in float32, and writes them once. `real_rope` calls it on GPUs through a custom op,
-so torch.compile runs it as it is; on a CPU, without Triton, or if the kernel fails, the caller's
-eager path runs.
+token's angle in float32, and writes them once. `real_rope.norm_rotate` uses it eagerly on GPUs;
+on a CPU, without Triton, under torch.compile, or if the kernel fails, the two steps run.
 """
 from __future__ import annotations
 

@@ -33,27 +33,18 @@ def rotate(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
 
 
 def norm_rotate(x: torch.Tensor, norm: nn.Module, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """`rotate(norm(x), freqs_cis)`: on a GPU in one kernel (norm_rope) where it fits, through a
-    custom op so that torch.compile calls it as it is; else as the two steps."""
+    """`rotate(norm(x), freqs_cis)`: eagerly on a GPU in one kernel (norm_rope) where it fits, else
+    as the two steps. Not under torch.compile: inductor fuses the two itself, and the kernel as a
+    custom op in the graph made a compiled step no faster (H100, bench/NOTES.md session 6)."""
     weight = getattr(norm, "weight", None)
-    if (x.is_cuda and weight is not None and getattr(norm, "bias", None) is None
-            and norm_rope.fits(x, weight, torch.view_as_real(freqs_cis))):
-        return torch.ops.zimage_nodes.norm_rope(x, weight, torch.view_as_real(freqs_cis), float(norm.eps))
+    if not torch.compiler.is_compiling() and x.is_cuda and weight is not None \
+            and getattr(norm, "bias", None) is None:
+        freqs = torch.view_as_real(freqs_cis)
+        if norm_rope.fits(x, weight, freqs):
+            out = torch.empty_like(x)
+            if norm_rope.launch(x, weight, freqs, float(norm.eps), out):
+                return out
     return rotate(norm(x), freqs_cis)
-
-
-def _norm_rope_op(x: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor, eps: float) -> torch.Tensor:
-    out = torch.empty_like(x)
-    if x.is_cuda and norm_rope.launch(x, weight, freqs, eps, out):
-        return out
-    y = torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)  # the kernel failed here
-    return rotate(y, torch.view_as_complex(freqs))
-
-
-# Registered once per process: the pack can be imported under two names (ComfyUI's and a test's).
-if not hasattr(torch.ops.zimage_nodes, "norm_rope"):
-    torch.library.custom_op("zimage_nodes::norm_rope", _norm_rope_op, mutates_args=()).register_fake(
-        lambda x, weight, freqs, eps: torch.empty_like(x))
 
 
 @functools.cache

@@ -78,8 +78,9 @@ class ChunkTable:
 
 
 def _launch(stage: torch.Tensor, compute: torch.Tensor, table: torch.Tensor) -> bool:
-    _dequant_chunks[(table.shape[0],)](stage, stage.view(torch.float32), compute.view(torch.bfloat16), table,
-                                       R=_TILE_ROWS, C=_TILE_COLS, num_warps=_WARPS)
+    with torch.cuda.device(stage.device):  # Triton launches on the current device (gpu_kernels)
+        _dequant_chunks[(table.shape[0],)](stage, stage.view(torch.float32), compute.view(torch.bfloat16), table,
+                                           R=_TILE_ROWS, C=_TILE_COLS, num_warps=_WARPS)
     return True
 
 

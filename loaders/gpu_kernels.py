@@ -5,7 +5,10 @@ torch.compile fuses a short function into one or two kernels. The functions here
 on first use with a CUDA tensor, with dynamic shapes (one graph for every size) or static ones
 (a graph per size, faster where the sizes are few). Without a compiler (no Triton, e.g. many
 Windows installs), if compiling or running the compiled form fails, or on a CPU, the function
-runs eagerly: same math, more passes. Hand-written Triton kernels go through `Guarded`.
+runs eagerly: same math, more passes. Hand-written Triton kernels go through `Guarded`, and are
+launched inside `torch.cuda.device(<their tensors' device>)`: Triton launches on the current
+device and its current stream, which is not where the tensors are when a plan spreads blocks (or
+puts the VAE) over several GPUs.
 """
 from __future__ import annotations
 

@@ -65,7 +65,9 @@ def moments(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     if x.device.type == "cuda" and triton is not None:
         splits = triton.cdiv(length, _SPLIT)
         partial = torch.empty(b * groups, splits, 2, dtype=torch.float32, device=x.device)
-        _partial_moments[(b * groups, splits)](rows, partial, length, splits, SPLIT=_SPLIT, BLOCK=_BLOCK, num_warps=8)
+        with torch.cuda.device(x.device):  # Triton launches on the current device (gpu_kernels)
+            _partial_moments[(b * groups, splits)](rows, partial, length, splits, SPLIT=_SPLIT, BLOCK=_BLOCK,
+                                                   num_warps=8)
         s, s2 = partial.sum(1).unbind(-1)
     else:
         s = rows.sum(1, dtype=torch.float32)
@@ -82,8 +84,9 @@ def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> to
     if x.device.type == "cuda" and triton is not None:
         y = torch.empty_like(x)
         plane = x[0, 0].numel()
-        _scale_shift[(b * c, triton.cdiv(plane, _BLOCK))](x, y, scale.contiguous(), shift.contiguous(), plane,
-                                                          BLOCK=_BLOCK, num_warps=8)
+        with torch.cuda.device(x.device):
+            _scale_shift[(b * c, triton.cdiv(plane, _BLOCK))](x, y, scale.contiguous(), shift.contiguous(), plane,
+                                                              BLOCK=_BLOCK, num_warps=8)
         return y
     shape = (b, c) + (1,) * (x.ndim - 2)
     return (x.float() * scale.view(shape) + shift.view(shape)).to(x.dtype)

@@ -56,8 +56,9 @@ def fits(x: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor) -> bool:
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor, eps: float, out: torch.Tensor) -> bool:
     rows = x.numel() // x.shape[-1]
-    _norm_rope[(triton.cdiv(rows, _ROWS),)](x, weight, freqs, out, rows, x.shape[2], eps,
-                                            HALF=x.shape[-1] // 2, R=_ROWS, num_warps=_WARPS)
+    with torch.cuda.device(x.device):  # Triton launches on the current device (gpu_kernels)
+        _norm_rope[(triton.cdiv(rows, _ROWS),)](x, weight, freqs, out, rows, x.shape[2], eps,
+                                                HALF=x.shape[-1] // 2, R=_ROWS, num_warps=_WARPS)
     return True
 
 

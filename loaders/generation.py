@@ -10,7 +10,6 @@ from torch import nn
 
 from . import attention, compiled_blocks, sampling
 from .errors import ZImageError
-from .pinned_memory import to_host
 from .placement import DECODE_BLEND, DECODE_TILE
 from .runtime import VAEHandle, ZImagePipelineParts, free_device_cache
 
@@ -127,7 +126,8 @@ def decode(vae: VAEHandle, latent: torch.Tensor, tiled: bool | None = None) -> t
         w = next(m.parameters())
         z = latent.to(w.device, w.dtype)
         img = m.decode(z, return_dict=False)[0]
-        img = to_host((img.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1))
+        img = (img.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+        img = img if img.device.type == "cpu" else vae.images.copy(img)
     return img
 
 

@@ -21,6 +21,7 @@ from .device_copy import Copy, device_copy
 from .device_hops import DeviceHops
 from .fp8_matmul import linear_names, to_fp8_linears
 from .host_cache import HOST_CACHE, source_key
+from .pinned_memory import HostStage
 from .placement import Matmul, MemoryPlan, ModelSizes, Storage, Where, plan_devices
 from .streaming import BlockStreamer, HostBlock, Slots
 
@@ -410,6 +411,7 @@ class VAEHandle:
     def __init__(self, component: LoadedComponent, runtime: Runtime):
         self.component, self.runtime = component, runtime
         self._shell: tuple[torch.device, nn.Module, Slots, dict[str, torch.Tensor]] | None = None
+        self.images = HostStage()  # the decoded images' way to the CPU, kept with the VAE
 
     @contextmanager
     def on_device(self) -> Iterator[nn.Module]:
@@ -439,6 +441,7 @@ class VAEHandle:
 
     def release(self) -> None:
         self._shell = None
+        self.images = HostStage()  # its page-locked buffer goes back to the system
         free_device_cache(self.runtime.device, collect=True)
 
 

@@ -75,3 +75,11 @@ def test_flex_attention_runs_and_matches_sdpa(parts):
     ref, _ = denoise(parts, pos, None, torch.zeros(1, 16, 4, 4), seed=2, steps=2)
     assert rep.attention == "flex"
     torch.testing.assert_close(flex, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_the_vae_s_page_locked_image_buffer_goes_with_its_release(parts):
+    vae = parts.vae
+    img = torch.rand(1, 8, 8, 3)
+    assert torch.equal(vae.images.copy(img), img) and vae.images._buf is not None
+    vae.release()
+    assert vae.images._buf is None

@@ -82,10 +82,11 @@ def analyse(path: str) -> dict:
         streams[s] = {"events": len(es), "busy_ms": round(sum(b - a for a, b in busy) / 1e3, 3),
                       "busy_share": round(sum(b - a for a, b in busy) / window, 3), "kinds": dict(kinds)}
     h2d = [e for e in gpu if e["cat"] == "gpu_memcpy" and "HtoD" in e["name"]]
-    copy_stream = Counter(e.get("args", {}).get("stream") for e in h2d).most_common(1)
+    compute_stream = max(by_stream, key=lambda s: sum(1 for e in by_stream[s] if e["cat"] == "kernel"))
+    # the side stream carrying most host-to-device copies (None when everything ran on one stream)
+    copy_stream = Counter(e.get("args", {}).get("stream") for e in h2d
+                          if e.get("args", {}).get("stream") != compute_stream).most_common(1)
     copy_stream = copy_stream[0][0] if copy_stream else None
-    compute_stream = max((s for s in by_stream if s != copy_stream),
-                         key=lambda s: sum(1 for e in by_stream[s] if e["cat"] == "kernel"), default=None)
     nbytes = sum(e.get("args", {}).get("bytes", 0) for e in h2d)
     h2d_busy = union([(e["ts"], e["ts"] + e["dur"]) for e in h2d])
     h2d_ms = sum(b - a for a, b in h2d_busy) / 1e3

@@ -188,6 +188,7 @@ def vae_decode():
     from loaders.group_norm import use_spread_group_norms
     from loaders.model_detection import scaffold_config
     from loaders.placement import DECODE_BLEND, DECODE_TILE
+    from loaders.tile_blend import use_one_pass_blends
 
     side = 1024 if CUDA else 96
     torch.manual_seed(0)
@@ -196,10 +197,13 @@ def vae_decode():
     r, ref = {}, None
     with torch.no_grad():
         cases = (("untiled", 0, 0), ("tiles_512", 512, 128), ("tiles_pack", DECODE_TILE, DECODE_BLEND),
-                 ("untiled_spread_gn", 0, 0), ("tiles_pack_spread_gn", DECODE_TILE, DECODE_BLEND))
+                 ("untiled_spread_gn", 0, 0), ("tiles_pack_spread_gn", DECODE_TILE, DECODE_BLEND),
+                 ("tiles_pack_spread_gn_one_pass_blends", DECODE_TILE, DECODE_BLEND))
         for label, tile, blend in cases:
             if label.endswith("spread_gn"):
                 use_spread_group_norms(vae)
+            if label.endswith("one_pass_blends"):
+                use_one_pass_blends(vae)
             if not CUDA and tile:
                 tile, blend = tile // 8, blend // 8  # a smoke test: small tiles on a small image
             vae.use_tiling = tile > 0

@@ -20,6 +20,7 @@ from .errors import ZImageError
 from .fused_norms import use_fused_norms
 from .group_norm import use_spread_group_norms
 from .real_rope import use_real_rope
+from .tile_blend import use_one_pass_blends
 from .weight_source import WeightSource
 
 Resolver = Callable[[str], tuple[str, Callable[[torch.Tensor], torch.Tensor]]]
@@ -195,6 +196,7 @@ def load_vae(path: str, dtype: torch.dtype = torch.float32) -> LoadedComponent:
             module = AutoencoderKL(**config)
         _fill(module, src, resolve, dtype, fix)
         use_spread_group_norms(module)
+        use_one_pass_blends(module)
         return LoadedComponent(_finish(module, "VAE"), config, src.where,
                                "original" if original else "diffusers", _source_dtype(src))
     finally:

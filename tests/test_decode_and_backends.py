@@ -83,3 +83,19 @@ def test_the_vae_s_page_locked_image_buffer_goes_with_its_release(parts):
     assert torch.equal(vae.images.copy(img), img) and vae.images._buf is not None
     vae.release()
     assert vae.images._buf is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tile_seams_blend_in_one_pass_to_diffusers_own_bits(parts, dtype):
+    """tile_blend: each seam as one weighted sum, bit for bit diffusers' row-by-row loop (the same
+    weights and roundings), on both edges, for overlaps cut short by a small tile too."""
+    from diffusers import AutoencoderKL
+
+    vae = parts.vae.component.module
+    assert type(vae).__name__ == "BlendedAutoencoderKL"
+    torch.manual_seed(0)
+    for extent, a_shape, b_shape in ((16, (1, 3, 40, 24), (1, 3, 40, 24)), (16, (2, 3, 12, 24), (2, 3, 9, 24))):
+        a, b = torch.randn(a_shape).to(dtype), torch.randn(b_shape).to(dtype)
+        assert torch.equal(vae.blend_v(a, b.clone(), extent), AutoencoderKL.blend_v(vae, a, b.clone(), extent))
+        a, b = a.transpose(2, 3).contiguous(), b.transpose(2, 3).contiguous()
+        assert torch.equal(vae.blend_h(a, b.clone(), extent), AutoencoderKL.blend_h(vae, a, b.clone(), extent))

@@ -15,13 +15,14 @@ from .runtime import VAEHandle, ZImagePipelineParts, free_device_cache
 
 
 class Velocity:
-    """The transformer as the sampler sees it: flow velocity in float32, CFG applied."""
+    """The transformer as the sampler sees it: flow velocity in float32, CFG applied when there is a
+    `negative` (the caller passes None for cfg <= 1). The conditioning comes already on the device
+    in the model's dtype (denoise moves it before the weights start streaming)."""
 
     def __init__(self, transformer: nn.Module, positive: torch.Tensor, negative: torch.Tensor | None,
-                 cfg: float, device: torch.device, dtype: torch.dtype):
-        self.transformer, self.cfg, self.device, self.dtype = transformer, cfg, device, dtype
-        self.positive = positive.to(device, dtype)
-        self.negative = negative.to(device, dtype) if negative is not None and cfg > 1.0 else None
+                 cfg: float, dtype: torch.dtype):
+        self.transformer, self.cfg, self.dtype = transformer, cfg, dtype
+        self.positive, self.negative = positive, negative
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
@@ -80,17 +81,18 @@ def denoise(parts: ZImagePipelineParts, positive: torch.Tensor, negative: torch.
         negative = parts.text_encoder.encode("")  # the pipeline's default negative prompt
     if negative is not None:
         check_features(negative, width, "negative")
+    negative = negative if cfg > 1.0 else None  # without CFG it plays no part
     hooks = hooks or sampling.StepHooks()
     try:
         plan = rt.plan_for(latent.shape[-2] * 8, latent.shape[-1] * 8,
-                           latent.shape[0] * (2 if negative is not None and cfg > 1.0 else 1))
+                           latent.shape[0] * (2 if negative is not None else 1))
         # The inputs reach the GPU before the weights start streaming (sampling.start).
         begin = sampling.start(latent, seed, steps, sampler, shift, denoise, rt.device)
         positive = positive.to(rt.device, rt.dtype)
-        negative = negative.to(rt.device, rt.dtype) if negative is not None and cfg > 1.0 else None
+        negative = negative.to(rt.device, rt.dtype) if negative is not None else None
         with parts.transformer.on_device(plan, passes=steps) as tr, attention.attention_backend(tr, backend), \
                 compiled_blocks.compiled(tr, compile_blocks, compile_backend) as compile_report:
-            v = Velocity(tr, positive, negative, cfg, rt.device, rt.dtype)
+            v = Velocity(tr, positive, negative, cfg, rt.dtype)
             start = time.perf_counter()
             # No synchronisation per step: the GPU keeps its queue and the streamer its prefetch
             # across step boundaries; sample() returns a CPU tensor, which waits for the end.

@@ -69,12 +69,21 @@ def _block_of(name: str, blocks: list[str]) -> str | None:
     return None
 
 
-def _bind_copy(block: nn.Module, host: HostBlock, device: torch.device) -> None:
-    """Bind `block`'s tensors to a new device copy of `host` (one buffer)."""
+def _bound_buffer(block: nn.Module, host: HostBlock, device: torch.device) -> torch.Tensor:
+    """A new device buffer laid out as `host`, with `block`'s tensors bound to views of it (the bytes
+    are not copied yet)."""
     buf = torch.empty(host.stage_bytes, dtype=torch.uint8, device=device)
-    host.copy_into(buf, non_blocking=True)
     views = host.views(buf, None)
     Slots(block, list(views)).bind(views)
+    return buf
+
+
+def _issue_all(copies, device: torch.device) -> torch.cuda.Stream | None:
+    """Start DeferredCopy objects now, on one stream of their own (None on a CPU); returns it."""
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+    for c in copies:
+        c.issue(side)
+    return side
 
 
 class DeferredCopy:
@@ -87,14 +96,12 @@ class DeferredCopy:
 
     def __init__(self, block: nn.Module, host: HostBlock, device: torch.device):
         self.host, self.device = host, device
-        self.buf = torch.empty(host.stage_bytes, dtype=torch.uint8, device=device)
+        self.buf = _bound_buffer(block, host, device)
         cuda = device.type == "cuda"
         # where the buffer's memory is free: a copy stream waits for this, not for all compute so far
         self._free = torch.cuda.current_stream(device).record_event() if cuda else None
         self.copied: torch.cuda.Event | None = None
         self.issued = False
-        views = host.views(self.buf, None)
-        Slots(block, list(views)).bind(views)
         self._hook = block.register_forward_pre_hook(self._before_call)
 
     def issue(self, stream: torch.cuda.Stream | None) -> None:
@@ -114,7 +121,7 @@ class DeferredCopy:
     def _before_call(self, module, args) -> None:
         self._hook.remove()
         if not self.issued:  # nobody slipped it in earlier: now, on a stream of its own
-            self.issue(torch.cuda.Stream(self.device) if self.device.type == "cuda" else None)
+            _issue_all([self], self.device)
         if self.copied is not None:
             self.copied.wait()  # the current (compute) stream waits; the CPU does not
 
@@ -186,9 +193,7 @@ class TransformerHandle:
             if returning and len(streamers) == 1 and not plan.device_plans:
                 streamers[0].interleave(returning)  # slipped in between the streamed blocks' copies
             elif returning:  # nothing streamed, or several GPUs: all now, on a stream of their own
-                side = torch.cuda.Stream(self.runtime.device) if self.runtime.device.type == "cuda" else None
-                for _, copy in returning:
-                    copy.issue(side)
+                _issue_all([copy for _, copy in returning], self.runtime.device)
             if len(plan.devices) > 1:
                 final = {f"all_final_layer.{k}": self.runtime.device for k in self._replica.all_final_layer.keys()}
                 hops = DeviceHops(self._replica, {**block_device, **final})
@@ -226,7 +231,9 @@ class TransformerHandle:
         self._replica = device_copy(module, self.runtime.device, dtype, how, device_of)
         for b in names:
             if b in cached:
-                _bind_copy(self._replica.get_submodule(b), cached[b], torch.device(block_device[b]))
+                host = cached[b]
+                host.copy_into(_bound_buffer(self._replica.get_submodule(b), host, torch.device(block_device[b])),
+                               non_blocking=True)
             elif fp8:
                 block = module.get_submodule(b)
                 to_fp8_linears(self._replica.get_submodule(b), {
@@ -266,9 +273,7 @@ class TransformerHandle:
         """Finish the copies back that never ran (a run stopped before those blocks), so that the
         GPU copies hold the weights before they are read back to host memory."""
         pending = [c for c in self._deferred.values() if not c.issued]
-        side = torch.cuda.Stream(self.runtime.device) if pending and self.runtime.device.type == "cuda" else None
-        for c in pending:
-            c.issue(side)
+        side = _issue_all(pending, self.runtime.device) if pending else None
         if side is not None:
             side.synchronize()
         self._deferred = {}

@@ -5,8 +5,9 @@ block's weights to a device buffer before it runs and release them after) stay e
 the graph: a streamed block's parameters are swapped through `.data`, which changes neither
 shape, dtype nor device, so the compiled graph's guards still hold and nothing recompiles.
 All blocks of one kind share one compiled graph (their parameters are graph inputs), so the 30
-layers cost one compile, the refiners one more each. A new resolution compiles once more with a
-dynamic token count; later resolutions reuse that graph.
+layers cost one compile, the noise refiners one more. A new resolution compiles once more with a
+dynamic token count; later resolutions reuse that graph. The context refiner stays eager: it runs
+once per caption (caption_refine).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .placement import transformer_block_names
+from .placement import ONCE_PER_CAPTION, transformer_block_names
 
 # Enough for the three block kinds (noise refiner, context refiner, layer), a static and a
 # dynamic graph each, with room for the attention backends a user switches between.
@@ -43,7 +44,8 @@ def compiled(transformer: nn.Module, enabled: bool, backend: str = "inductor") -
     The compiled wrappers are kept on the blocks (as `_zimage_compiled`) so the next run reuses
     them; torch's own cache keeps the graphs."""
     report = CompileReport(0, 0.0)
-    blocks = [transformer.get_submodule(n) for n in transformer_block_names(transformer)]
+    blocks = [transformer.get_submodule(n) for n in transformer_block_names(transformer)
+              if not n.startswith(ONCE_PER_CAPTION)]
     if not enabled:
         yield report
         return

@@ -14,25 +14,29 @@ from .placement import DECODE_BLEND, DECODE_TILE
 from .runtime import VAEHandle, ZImagePipelineParts, free_device_cache
 
 
-class Velocity:
-    """The transformer as the sampler sees it: flow velocity in float32, CFG applied when there is a
-    `negative` (the caller passes None for cfg <= 1). The conditioning comes already on the device
-    in the model's dtype (denoise moves it before the weights start streaming)."""
+def batch_captions(positive: torch.Tensor, negative: torch.Tensor | None, batch: int) -> list[torch.Tensor]:
+    """The caption of each image in a model call: the positive one per image, then with CFG the
+    negative one per image."""
+    return [positive] * batch + ([negative] * batch if negative is not None else [])
 
-    def __init__(self, transformer: nn.Module, positive: torch.Tensor, negative: torch.Tensor | None,
-                 cfg: float, dtype: torch.dtype):
-        self.transformer, self.cfg, self.dtype = transformer, cfg, dtype
-        self.positive, self.negative = positive, negative
+
+class Velocity:
+    """The transformer as the sampler sees it: flow velocity in float32, CFG applied when `captions`
+    (batch_captions) hold negative ones too. They come already on the device in the model's dtype
+    (denoise moves them before the weights start streaming)."""
+
+    def __init__(self, transformer: nn.Module, captions: list[torch.Tensor], cfg: float, dtype: torch.dtype):
+        self.transformer, self.captions, self.cfg, self.dtype = transformer, captions, cfg, dtype
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
+        guided = len(self.captions) == 2 * b
         frames = list(x.to(self.dtype).unsqueeze(2).unbind(0))
-        caps = [self.positive] * b
-        if self.negative is not None:
-            frames, caps, t = frames + frames, caps + [self.negative] * b, t.repeat(2)
-        out = self.transformer(frames, t, caps, return_dict=False)[0]
+        if guided:
+            frames, t = frames + frames, t.repeat(2)
+        out = self.transformer(frames, t, self.captions, return_dict=False)[0]
         out = torch.stack([o.float() for o in out]).squeeze(2)
-        if self.negative is not None:
+        if guided:
             pos, neg = out[:b], out[b:]
             out = pos + (self.cfg - 1.0) * (pos - neg)  # diffusers' guidance g = cfg - 1
         return -out
@@ -88,11 +92,13 @@ def denoise(parts: ZImagePipelineParts, positive: torch.Tensor, negative: torch.
                            latent.shape[0] * (2 if negative is not None else 1))
         # The inputs reach the GPU before the weights start streaming (sampling.start).
         begin = sampling.start(latent, seed, steps, sampler, shift, denoise, rt.device)
-        positive = positive.to(rt.device, rt.dtype)
-        negative = negative.to(rt.device, rt.dtype) if negative is not None else None
-        with parts.transformer.on_device(plan, passes=steps) as tr, attention.attention_backend(tr, backend), \
+        given = batch_captions(positive, negative, latent.shape[0])  # what the refiner's cache compares
+        on_device = {id(c): c.to(rt.device, rt.dtype) for c in given}
+        captions = [on_device[id(c)] for c in given]
+        with parts.transformer.on_device(plan, passes=steps, captions=given) as tr, \
+                attention.attention_backend(tr, backend), \
                 compiled_blocks.compiled(tr, compile_blocks, compile_backend) as compile_report:
-            v = Velocity(tr, positive, negative, cfg, rt.dtype)
+            v = Velocity(tr, captions, cfg, rt.dtype)
             start = time.perf_counter()
             # No synchronisation per step: the GPU keeps its queue and the streamer its prefetch
             # across step boundaries; sample() returns a CPU tensor, which waits for the end.

@@ -4,7 +4,9 @@ batch: the memory plan, a printable dataclass.
 Transformer: its small stem (embedders, final layer) is always on the GPU; each of its 34
 repeated blocks is either resident on the GPU or streamed each step from pinned host memory
 (or, when pinned RAM is short, from the memory-mapped file). Streamed blocks are spread evenly
-between resident ones so their copies hide behind the resident blocks' compute.
+between resident ones so their copies hide behind the resident blocks' compute. The two context
+refiner blocks run once per caption (caption_refine): they are the last to be made resident, and
+a streamed one is copied once per new prompt, not per step.
 Text encoder: runs once per new prompt and leaves nothing on the GPU: streamed layer by layer
 (from pinned RAM: 8 GB in ~0.15 s on PCIe 5; a whole copy from the mapped file took 1.7 s).
 VAE: copied for the decode only. When the untiled decode would not fit beside the resident
@@ -57,6 +59,8 @@ DECODE_MOVE_OUT_SLACK_BYTES = 512 * MiB
 # Prefetch depth of the streamer: with 2, copies stalled where block compute times vary
 # (refiners vs layers); 3 costs one resident block and hides them (H100, bench/).
 N_BUFFERS = 3
+# Blocks whose output depends on the caption alone (no timestep, no image): run once per caption.
+ONCE_PER_CAPTION = "context_refiner."
 
 
 class Where(str, Enum):
@@ -169,6 +173,7 @@ class MemoryPlan:
     resident_pinned: tuple[str, ...] = ()
     # Resident blocks moved out of the GPU for a decode of the planned size (see decode_plan).
     decode_moved_out: tuple[str, ...] = ()
+    n_buffers: int = N_BUFFERS  # the streamer's device buffers the plan has room for
 
     @property
     def devices(self) -> list[str]:
@@ -208,8 +213,9 @@ class MemoryPlan:
 
     @property
     def streamed_bytes_per_step(self) -> int:
-        """Bytes copied host->GPU per transformer forward."""
-        return sum(self._block_bytes(i, w) for i, (_, w) in enumerate(self.blocks) if w in (Where.PINNED, Where.MAPPED))
+        """Bytes copied host->GPU per transformer forward (a new caption's refiner blocks aside)."""
+        return sum(self._block_bytes(i, w) for i, (n, w) in enumerate(self.blocks)
+                   if w in (Where.PINNED, Where.MAPPED) and not n.startswith(ONCE_PER_CAPTION))
 
     @property
     def pinned_bytes(self) -> int:
@@ -263,14 +269,16 @@ class MemoryPlan:
             return "\n".join(self._device_line(p) for p in self.device_plans) + \
                 f"\npinned host RAM {self.pinned_bytes / GiB:.1f} GB; activations hop between devices, weights never do"
         n_stream = len(self.streamed)
+        once = sum(1 for n in self.streamed if n.startswith(ONCE_PER_CAPTION))
         mapped = sum(1 for _, w in self.blocks if w == Where.MAPPED)
         lines = [
             f"budget {self.budget_bytes / GiB:.1f} GB on {self.device}, planned for {self.width}x{self.height} "
             f"x{self.batch}",
             f"transformer: {self.resident_bytes / GiB:.1f} GB resident ({len(self.blocks) - n_stream}/"
             f"{len(self.blocks)} blocks), {self.streamed_bytes_per_step / GiB:.1f} GB streamed per step "
-            f"({n_stream} blocks, {'fp8' if self.matmul == Matmul.FP8 else self.storage.value}"
+            f"({n_stream - once} blocks, {'fp8' if self.matmul == Matmul.FP8 else self.storage.value}"
             + (f", {mapped} from the mapped file" if mapped else "") + ")"
+            + (f", {once} more once per new prompt" if once else "")
             + ("; fp8 matmuls" if self.matmul == Matmul.FP8 else ""),
             f"text encoder: {self.text_encoder}" + (f" from {self.text_encoder_host.value} RAM"
                                                     if self.text_encoder == "streamed" else "")
@@ -303,12 +311,12 @@ def _spread(n_total: int, n_resident: int) -> list[bool]:
 
 
 def _resident_set(names: list[str], k: int) -> list[bool]:
-    """k resident blocks: the context refiners first (they see only the caption's few tokens, so a
-    streamed one would leave its copy time uncovered), the rest spread evenly over the others."""
-    cheap = [i for i, n in enumerate(names) if n.startswith("context_refiner.")]
-    chosen = set(cheap[:k])
-    rest = [i for i in range(len(names)) if i not in cheap]
-    chosen |= {i for i, r in zip(rest, _spread(len(rest), max(0, k - len(cheap)))) if r}
+    """k resident blocks spread evenly over those every step calls; the context refiner's only once
+    all of those are (it runs once per caption: streamed, it costs one copy per new prompt)."""
+    once = [i for i, n in enumerate(names) if n.startswith(ONCE_PER_CAPTION)]
+    per_step = [i for i in range(len(names)) if i not in once]
+    chosen = {i for i, r in zip(per_step, _spread(len(per_step), min(k, len(per_step)))) if r}
+    chosen |= set(once[:max(0, k - len(per_step))])
     return [i in chosen for i in range(len(names))]
 
 
@@ -440,7 +448,7 @@ def plan_memory(sizes: ModelSizes, device: torch.device | str, budget_gb: float 
     placed = tuple((name, w) for (name, _), w in zip(sizes.transformer_blocks, where))
     te_host = Where.PINNED if not encodes or pinned + sum(sizes.text_encoder_blocks) <= host_budget else Where.MAPPED
     plan = MemoryPlan(str(device), budget, host_budget, height, width, batch, storage, placed, "streamed",
-                      te_host, tiled, sizes, ph, matmul)
+                      te_host, tiled, sizes, ph, matmul, n_buffers=N_BUFFERS)
     if not cache_resident:
         return plan
     plan = with_resident_cache(plan)
@@ -555,4 +563,4 @@ def plan_devices(sizes: ModelSizes, devices: list[str], budgets_gb: list[float],
     return with_resident_cache(MemoryPlan(
         first.device, first.budget_bytes, host_budget, height, width, batch, storage,
         tuple(b for p in plans for b in p.blocks), "streamed", plans[-1].text_encoder_host, plans[-1].vae_tiled, sizes,
-        first.phases, matmul, tuple(plans)))
+        first.phases, matmul, tuple(plans), n_buffers=N_BUFFERS))

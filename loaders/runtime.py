@@ -16,13 +16,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .caption_refine import RefinedCaptions, once_per_caption
 from .component_loading import LoadedComponent
 from .device_copy import Copy, device_copy
 from .device_hops import DeviceHops
 from .fp8_matmul import linear_names, to_fp8_linears
 from .host_cache import HOST_CACHE, source_key
 from .pinned_memory import HostStage
-from .placement import Matmul, MemoryPlan, ModelSizes, Storage, Where, plan_devices
+from .placement import ONCE_PER_CAPTION, Matmul, MemoryPlan, ModelSizes, Storage, Where, plan_devices
 from .streaming import BlockStreamer, HostBlock, Slots
 
 
@@ -158,16 +159,22 @@ class TransformerHandle:
         self._plan: MemoryPlan | None = None  # the plan the GPU copy was built for
         self._moved_out: set[str] = set()  # resident blocks a decode moved out, back at the next run
         self._deferred: dict[str, DeferredCopy] = {}  # their copies back, until the blocks run
+        self.refined = RefinedCaptions()  # the context refiner's last output (caption_refine)
         runtime.move_out = self.move_out
 
     @contextmanager
-    def on_device(self, plan: MemoryPlan, passes: int | None = None) -> Iterator[nn.Module]:
+    def on_device(self, plan: MemoryPlan, passes: int | None = None,
+                  captions: list[torch.Tensor] | None = None) -> Iterator[nn.Module]:
         """The transformer on its devices for one run; `passes`: how many forwards the run makes
-        (BlockStreamer)."""
+        (BlockStreamer). `captions`: the caption features of the batch every forward of the run is
+        called with, in order (as given, before any move to the GPU): the context refiner then runs
+        at the first forward only, or not at all when the last run had the same (caption_refine).
+        Without them it runs, and streams, at every forward."""
         module = self.component.module
         fp8 = plan.matmul == Matmul.FP8
         if all(w == Where.CPU for _, w in plan.blocks) and not fp8:
-            yield module
+            with self._refined_once(module, captions, ("cpu",)):
+                yield module
             return
         block_device = plan.block_device()
         layout = (plan.blocks, plan.storage, plan.matmul, tuple(block_device.values()))
@@ -183,27 +190,47 @@ class TransformerHandle:
             self._layout = layout
         self._deferred = {b: c for b, c in self._deferred.items() if not c.issued}
         returning = self._move_back(plan) if self._moved_out else []
+        # refiner blocks a run with these captions never calls (replayed) are not streamed at all
+        replayed = captions is not None and self.refined.find(captions, layout) is not None
         streamers, hops = [], None
         try:
             for sub in plan.device_plans or (plan,):  # each GPU streams its own blocks over its own link
-                blocks = [(self._replica.get_submodule(n), self._host[n]) for n, _ in sub.blocks if n in self._host]
-                if blocks:
-                    streamers.append(BlockStreamer(blocks, torch.device(block_device[blocks[0][1].name]),
-                                                   passes=passes).attach())
+                names = [n for n, _ in sub.blocks if n in self._host
+                         and not (replayed and n.startswith(ONCE_PER_CAPTION))]
+                if names:
+                    once = [i for i, n in enumerate(names) if captions is not None and n.startswith(ONCE_PER_CAPTION)]
+                    streamers.append(BlockStreamer(
+                        [(self._replica.get_submodule(n), self._host[n]) for n in names],
+                        torch.device(block_device[names[0]]), n_buffers=sub.n_buffers, passes=passes,
+                        once=once).attach())
             if returning and len(streamers) == 1 and not plan.device_plans:
-                streamers[0].interleave(returning)  # slipped in between the streamed blocks' copies
+                # slipped in between the streamed blocks' copies: each after the streamed blocks
+                # called before it
+                order = {n: i for i, (n, _) in enumerate(plan.blocks)}
+                streamed = [order[b.name] for _, b in streamers[0].blocks]
+                streamers[0].interleave([(sum(1 for i in streamed if i < order[name]), copy)
+                                         for name, copy in returning])
             elif returning:  # nothing streamed, or several GPUs: all now, on a stream of their own
                 _issue_all([copy for _, copy in returning], self.runtime.device)
             if len(plan.devices) > 1:
                 final = {f"all_final_layer.{k}": self.runtime.device for k in self._replica.all_final_layer.keys()}
                 hops = DeviceHops(self._replica, {**block_device, **final})
             self.streamers, self.last_hops = streamers, hops
-            yield self._replica
+            with self._refined_once(self._replica, captions, layout):
+                yield self._replica
         finally:
             for st in streamers:
                 st.close()
             if hops is not None:
                 hops.remove()
+
+    @contextmanager
+    def _refined_once(self, module: nn.Module, captions: list[torch.Tensor] | None, layout) -> Iterator[None]:
+        if captions is None:
+            yield
+            return
+        with once_per_caption(module, captions, self.refined, layout):
+            yield
 
     def _build(self, plan: MemoryPlan, block_device: dict[str, str]) -> None:
         """The GPU copy for `plan`: resident blocks copied (from their pinned copy when the plan keeps
@@ -278,22 +305,19 @@ class TransformerHandle:
             side.synchronize()
         self._deferred = {}
 
-    def _move_back(self, plan: MemoryPlan) -> list[tuple[int, DeferredCopy]]:
+    def _move_back(self, plan: MemoryPlan) -> list[tuple[str, DeferredCopy]]:
         """The moved-out blocks back on the GPU, from their pinned copy or from the mapped file when
-        the host cache has dropped it: each with a deferred copy, and the number of streamed blocks
-        the model calls before it (for BlockStreamer.interleave)."""
+        the host cache has dropped it: each block's name with its deferred copy."""
         dtype, device = self.runtime.dtype, self.runtime.device
-        out, streamed = [], 0
+        out = []
         try:
             for b, w in plan.blocks:
-                if w in (Where.PINNED, Where.MAPPED):
-                    streamed += 1
                 if b not in self._moved_out:
                     continue
                 host = HOST_CACHE.find(host_key(self.component, "transformer", b, "bf16", dtype)) or HostBlock(
                     b, self.component.module.get_submodule(b), "bf16", False, dtype)
                 copy = self._deferred[b] = DeferredCopy(self._replica.get_submodule(b), host, device)
-                out.append((streamed, copy))
+                out.append((b, copy))
                 self._moved_out.discard(b)
         except BaseException:
             self.release()  # a replica missing blocks must not run: rebuilt whole next time
@@ -323,6 +347,7 @@ class TransformerHandle:
             pass
         self._plan = None
         self._replica, self._layout, self._host, self.streamers = None, None, {}, []
+        self.refined.clear()
         self._moved_out, self._deferred = set(), {}
         free_device_cache(self.runtime.device, collect=True)
 
@@ -375,7 +400,7 @@ class TextEncoderHandle:
             Copy.HOST if name.startswith("embed_tokens.")  # looked up on the CPU: 0.7 GB of table for a few rows
             else Copy.PLACEHOLDER if _block_of(name, self._names) else Copy.DEVICE))
         streamer = BlockStreamer([(te.get_submodule(n), h) for n, h in self._layers(plan).items()], device,
-                                 passes=1).attach()
+                                 n_buffers=plan.n_buffers, passes=1).attach()
         try:
             return encode_prompt(te, self.tokenizer, prompt).to("cpu")
         finally:

@@ -240,10 +240,12 @@ class BlockStreamer:
     device buffers. `attach()` hooks the blocks, `close()` unhooks them and frees every buffer."""
 
     def __init__(self, blocks: Sequence[tuple[nn.Module, HostBlock]], device: torch.device,
-                 n_buffers: int = N_BUFFERS, passes: int | None = None):
+                 n_buffers: int = N_BUFFERS, passes: int | None = None, once: Sequence[int] = ()):
         """`passes`: how many times the run calls every block (a denoise: its steps), so that the
         last pass does not copy the first blocks again for a pass that never comes (at 8 GiB on an
-        H100 the end of each image waited 11 ms for them). None: unknown, copies wrap around."""
+        H100 the end of each image waited 11 ms for them). None: unknown, copies wrap around.
+        `once`: positions of blocks called in the first pass only (the context refiner, whose output
+        later passes replay: caption_refine); their hooks come off after that call."""
         if not blocks:
             raise ValueError("nothing to stream")
         self.device = torch.device(device)
@@ -276,12 +278,17 @@ class BlockStreamer:
             names = h.bound_names()
             self._placeholders[id(m)] = {n: empty[dt] for n, dt in names}
             self._slots[id(m)] = slots_of(m, [n for n, _ in names])
-        self._handles: list = []
+        self._handles: dict[int, list] = {}
         self._prefetch: Prefetch | None = None
         self._prefetch_left = 0
-        self._pending: dict[int, int] = {}  # block position -> buffer slot holding (or receiving) it
-        self._next = 0  # position of the block expected to run next
-        self._calls_left = None if passes is None else passes * len(self.blocks)
+        # The calls the run makes, numbered 0, 1, ...: the first pass calls every block, the later
+        # ones all but the `once` blocks (call_pos maps a call to its block).
+        self.once = frozenset(once)
+        self.cycle = [i for i in range(len(self.blocks)) if i not in self.once]
+        self.total_calls = len(self.blocks) + (passes - 1) * len(self.cycle) if passes is not None \
+            else None if self.cycle else len(self.blocks)
+        self._pending: dict[int, int] = {}  # call number -> buffer slot holding (or receiving) its block
+        self._call = 0  # the call expected next
         self.copies = 0  # blocks copied since attach (for tests)
         self._extra: list = []  # other copies to slip in between this streamer's (see interleave)
         self.interleaved = 0  # how many of them it issued (for tests and reports)
@@ -290,9 +297,20 @@ class BlockStreamer:
         self._restart(0)  # the first copies first: the hooks are set up while they run
         for m, _ in self.blocks:
             self._unbind(m)
-            self._handles.append(m.register_forward_pre_hook(self._before))
-            self._handles.append(m.register_forward_hook(self._after))
+            self._handles[id(m)] = [m.register_forward_pre_hook(self._before), m.register_forward_hook(self._after)]
         return self
+
+    @property
+    def _next(self) -> int:
+        """Position of the block expected to run next."""
+        return self._pos(self._call)
+
+    def _pos(self, call: int) -> int:
+        n = len(self.blocks)
+        return call if call < n or not self.cycle else self.cycle[(call - n) % len(self.cycle)]
+
+    def _will_call(self, call: int) -> bool:
+        return self.total_calls is None or call < self.total_calls
 
     def interleave(self, copies: list) -> None:
         """Other copies for this link, each `(d, c)`: `c.issue(stream)` starts it, and the model
@@ -307,10 +325,10 @@ class BlockStreamer:
         self._extra = sorted(copies, key=lambda dc: dc[0])
         self._slip_in(-1, idle=False)
 
-    def _slip_in(self, pos: int, idle: bool) -> None:
+    def _slip_in(self, call: int, idle: bool) -> None:
         while self._extra:
             d, c = self._extra[0]
-            if not (idle or d - 1 - self.n <= pos):
+            if not (idle or d - 1 - self.n <= call):
                 return
             self._extra.pop(0)
             c.issue(self.extra_stream if self.cuda else None)
@@ -318,8 +336,9 @@ class BlockStreamer:
             idle = False  # one per idle link: the next streamed copy comes first
 
     def close(self) -> None:
-        for h in self._handles:
-            h.remove()
+        for hs in self._handles.values():
+            for h in hs:
+                h.remove()
         self._handles.clear()
         self._end_prefetch()
         if self.cuda:
@@ -331,7 +350,8 @@ class BlockStreamer:
         self.stage, self.compute, self._tables = [], None, {}
 
     # -- internals -------------------------------------------------------------------------
-    def _issue(self, pos: int, slot: int) -> None:
+    def _issue(self, call: int, slot: int) -> None:
+        pos = self._pos(call)
         _, host = self.blocks[pos]
         if self._prefetch is not None:
             self._prefetch.done(sum(n for _, _, n in host.spans))
@@ -339,7 +359,7 @@ class BlockStreamer:
             if self._prefetch_left == 0:
                 self._end_prefetch()
         elif self.read_ahead:
-            self.blocks[(pos + self.read_ahead) % len(self.blocks)][1].advise()
+            self.blocks[self._pos(call + self.read_ahead)][1].advise()
         if self.cuda:
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(self.freed[slot])
@@ -347,12 +367,12 @@ class BlockStreamer:
                 self.copied[slot].record(self.copy_stream)
         else:
             host.copy_into(self.stage[slot], non_blocking=False)
-        self._pending[pos] = slot
+        self._pending[call] = slot
         self.copies += 1
 
-    def _restart(self, pos: int) -> None:
-        """(Re)fill the pipeline so that block `pos` is the next one; used at attach and whenever
-        the call order is not the expected one (an interrupted step, a different code path)."""
+    def _restart(self, call: int) -> None:
+        """(Re)fill the pipeline so that `call` is the next one; used at attach and whenever the
+        call order is not the expected one (an interrupted step, a different code path)."""
         if self.cuda:
             torch.cuda.current_stream(self.device).synchronize()
             self.copy_stream.synchronize()
@@ -360,8 +380,8 @@ class BlockStreamer:
                 ev.record(torch.cuda.current_stream(self.device))
         self._pending.clear()
         self._end_prefetch()
-        order = [self.blocks[(pos + k) % len(self.blocks)][1] for k in range(len(self.blocks))]
-        if order[0].sources and not cached(order[0].sources[0]):
+        order = [self.blocks[self._pos(call + k)][1] for k in range(len(self.blocks)) if self._will_call(call + k)]
+        if order and order[0].sources and not cached(order[0].sources[0]):
             # a cold file: one cycle of the blocks read in call order by a background thread
             self._prefetch = Prefetch([span for h in order for span in h.spans], lead=2 * READ_AHEAD)
             self._prefetch_left = len(order)
@@ -369,8 +389,16 @@ class BlockStreamer:
             for h in order[:self.read_ahead]:
                 h.advise()
         for k in range(self.n):
-            self._issue((pos + k) % len(self.blocks), k)
-        self._next = pos
+            if k == 0 or self._will_call(call + k):
+                self._issue(call + k, k)
+        self._call = call
+
+    def _find(self, pos: int) -> int:
+        """The next call of the block at `pos` from the expected one on (a block called out of turn)."""
+        for call in range(self._call, self._call + len(self.blocks) + len(self.cycle)):
+            if self._pos(call) == pos:
+                return call
+        return pos
 
     def _end_prefetch(self) -> None:
         if self._prefetch is not None:
@@ -382,9 +410,9 @@ class BlockStreamer:
 
     def _before(self, module: nn.Module, args) -> None:
         pos = self.index[id(module)]
-        if pos != self._next or pos not in self._pending:
-            self._restart(pos)
-        slot = self._pending[pos]
+        if self._pos(self._call) != pos or self._call not in self._pending:
+            self._restart(self._find(pos))
+        slot = self._pending[self._call]
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
         _, host = self.blocks[pos]
@@ -393,15 +421,16 @@ class BlockStreamer:
         self._slots[id(module)].bind(host.views(self.stage[slot], self.compute))
 
     def _after(self, module: nn.Module, args, output) -> None:
-        pos = self.index[id(module)]
-        slot = self._pending.pop(pos)
+        call = self._call
+        slot = self._pending.pop(call)
         self._unbind(module)
+        if self.index[id(module)] in self.once:
+            for h in self._handles.pop(id(module), ()):
+                h.remove()
         if self.cuda:
             self.freed[slot].record(torch.cuda.current_stream(self.device))
         idle = bool(self._extra) and self.cuda and self.copy_stream.query()
-        if self._calls_left is not None:
-            self._calls_left -= 1
-        if self._calls_left is None or self._calls_left >= self.n:  # the block n calls ahead will run
-            self._issue((pos + self.n) % len(self.blocks), slot)
-        self._slip_in(pos, idle)
-        self._next = (pos + 1) % len(self.blocks)
+        if self._will_call(call + self.n):
+            self._issue(call + self.n, slot)
+        self._slip_in(call, idle)
+        self._call = call + 1

@@ -53,14 +53,31 @@ def test_every_phase_stays_in_the_budget(sizes, budget):
 
 def test_plan_streams_late_and_early_blocks_alike_when_budget_is_8gb(sizes):
     p = plan(sizes, 8)
-    streamed = [w.value != "gpu" for _, w in p.blocks]
+    per_step = [(n, w) for n, w in p.blocks if not n.startswith("context_refiner.")]
+    streamed = [w.value != "gpu" for _, w in per_step]
     assert 8 <= sum(streamed) <= 26
-    # spread evenly: never more than two streamed blocks in a row, so copies hide behind compute
+    # spread evenly over the blocks every step calls: never more than two streamed blocks in a row,
+    # so copies hide behind compute
     runs = "".join("s" if s else "r" for s in streamed).split("r")
     assert max(len(r) for r in runs) <= 2
-    # the context refiners (caption tokens only, almost no compute to hide a copy) stay resident
-    assert all(w.value == "gpu" for n, w in p.blocks if n.startswith("context_refiner."))
+    # the context refiners run once per caption: streamed (once per new prompt), not counted per step
+    refiners = [(i, w) for i, (n, w) in enumerate(p.blocks) if n.startswith("context_refiner.")]
+    assert len(refiners) == 2 and all(w.value == "pinned" for _, w in refiners)
+    assert p.streamed_bytes_per_step == sum(p._block_bytes(i, w) for i, (_, w) in enumerate(p.blocks)
+                                            if w.value == "pinned") - sum(p._block_bytes(i, w) for i, w in refiners)
+    assert "2 more once per new prompt" in p.summary()
     assert p.text_encoder == "streamed"
+
+
+def test_the_context_refiners_are_the_last_blocks_made_resident(sizes):
+    from zimage_nodes.loaders.placement import _resident_set
+
+    names = [n for n, _ in sizes.transformer_blocks]
+    per_step = [i for i, n in enumerate(names) if not n.startswith("context_refiner.")]
+    assert sum(_resident_set(names, len(per_step))) == len(per_step)
+    assert not any(r for n, r in zip(names, _resident_set(names, len(per_step))) if n.startswith("context_refiner."))
+    assert sum(r for n, r in zip(names, _resident_set(names, len(per_step) + 1))
+               if n.startswith("context_refiner.")) == 1
 
 
 def test_a_decode_moves_resident_blocks_out_rather_than_tile_when_that_is_cheap(sizes):

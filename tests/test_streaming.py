@@ -411,3 +411,34 @@ def test_activation_hops_copy_each_shared_input_once_per_device_and_forward(pack
     hops.remove()
     model(x, mask, freqs)
     assert hops.hops == 2 * (2 * 3 + 2)
+
+
+def test_blocks_called_in_the_first_pass_only_are_copied_once(pack):
+    """BlockStreamer(once=...): the context refiner's blocks run in the first forward only (later ones
+    replay their output); the copies follow that call order and stop where the last pass ends."""
+    from torch import nn
+
+    from zimage_nodes.loaders.streaming import BlockStreamer, HostBlock
+
+    torch.manual_seed(0)
+    blocks = [nn.Linear(8, 8) for _ in range(5)]
+    once = {1, 2}
+    x = torch.randn(2, 8)
+    ref = x
+    with torch.no_grad():
+        for p in range(3):
+            for i, b in enumerate(blocks):
+                if p == 0 or i not in once:
+                    ref = b(ref)
+        streamer = BlockStreamer([(b, HostBlock(str(i), b, "bf16", True, torch.float32))
+                                  for i, b in enumerate(blocks)], torch.device("cpu"), n_buffers=2, passes=3,
+                                 once=sorted(once)).attach()
+        for p in range(3):
+            for i, b in enumerate(blocks):
+                if p == 0 or i not in once:
+                    x = b(x)
+            if p == 0:
+                assert all(id(blocks[i]) not in streamer._handles for i in once)  # unhooked after their call
+    assert torch.equal(x, ref)
+    assert streamer.copies == 5 + 2 * 3 and streamer._pending == {}
+    streamer.close()

@@ -292,12 +292,13 @@ def main():
         block_dequant.launch.failed = True
         rerun(parts, [c for c in configs if c[2] == "fp8"], "_per_matrix_dequant", ctx, total, outputs)
         block_dequant.launch.failed = False
-    if os.environ.get("BUFFERS_AB") == "1":  # streamed rows again with a pool of 2 buffers (planned for)
+    if os.environ.get("BUFFERS_AB") == "1":  # streamed rows again with the other pool size (planned for)
         from loaders import placement
 
-        kept, placement.N_BUFFERS = placement.N_BUFFERS, 2
-        rerun(parts, [c for c in configs if c[1] in (12, 8, 6, 4)], "_2_buffers", ctx, total, outputs)
-        placement.N_BUFFERS = kept
+        kept = dict(placement.N_BUFFERS)
+        placement.N_BUFFERS.update({k: 5 - v for k, v in kept.items()})  # 2 <-> 3
+        rerun(parts, [c for c in configs if c[1] in (12, 8, 6, 4)], "_other_buffers", ctx, total, outputs)
+        placement.N_BUFFERS.update(kept)
     if os.environ.get("MOVEBACK_AB") == "1":  # rows with moved-out blocks again, their copies back
         from loaders.streaming import BlockStreamer  # all issued at once on a stream of their own
 

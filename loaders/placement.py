@@ -56,9 +56,6 @@ DECODE_BLEND = 128
 # faster tiles.
 DECODE_MOVE_OUT_MAX_BYTES = 4 * GiB
 DECODE_MOVE_OUT_SLACK_BYTES = 512 * MiB
-# Prefetch depth of the streamer: with 2, copies stalled where block compute times vary
-# (refiners vs layers); 3 costs one resident block and hides them (H100, bench/).
-N_BUFFERS = 3
 # Blocks whose output depends on the caption alone (no timestep, no image): run once per caption.
 ONCE_PER_CAPTION = "context_refiner."
 
@@ -78,6 +75,18 @@ class Storage(str, Enum):
 class Matmul(str, Enum):
     BF16 = "bf16"
     FP8 = "fp8"  # the blocks' linear layers multiply in fp8 (fp8_matmul.Fp8Linear): fp8 resident and streamed
+
+
+# The streamer's device buffers (its prefetch depth), by what it streams. bf16 streaming is bound by
+# the copies: a third buffer hides nothing there, and the block it would hold resident streams less
+# (H100, one run: 8 / 6 / 4 GiB 0.128 / 0.172 / 0.201 s a step with 2, 0.132 / 0.176 / 0.205 with 3).
+# fp8 blocks are half the size, so a buffer less makes no block resident, and the deeper prefetch
+# hides copy jitter behind compute: 0.114 / 0.114 / 0.116 with 3, 0.115 / 0.117 / 0.117 with 2.
+N_BUFFERS = {Storage.BF16: 2, Storage.FP8: 3}
+
+
+def buffers_for(storage: Storage, matmul: Matmul) -> int:
+    return N_BUFFERS[Storage.FP8 if storage == Storage.FP8 or matmul == Matmul.FP8 else Storage.BF16]
 
 
 @dataclass(frozen=True)
@@ -173,7 +182,7 @@ class MemoryPlan:
     resident_pinned: tuple[str, ...] = ()
     # Resident blocks moved out of the GPU for a decode of the planned size (see decode_plan).
     decode_moved_out: tuple[str, ...] = ()
-    n_buffers: int = N_BUFFERS  # the streamer's device buffers the plan has room for
+    n_buffers: int = 3  # the streamer's device buffers the plan has room for (buffers_for)
 
     @property
     def devices(self) -> list[str]:
@@ -388,6 +397,7 @@ def plan_memory(sizes: ModelSizes, device: torch.device | str, budget_gb: float 
     probe = MemoryPlan(str(device), 0, 0, height, width, batch, storage, (), "", Where.CPU, False, sizes, {}, matmul)
     stage = probe._block_bytes
     dequantised = storage == Storage.FP8 and matmul == Matmul.BF16
+    n_buffers = buffers_for(storage, matmul)
 
     def place(resident: list[bool]) -> tuple[list[Where], int]:
         """Streamed blocks pinned in call order while the host budget lasts, the rest mapped."""
@@ -406,13 +416,13 @@ def plan_memory(sizes: ModelSizes, device: torch.device | str, budget_gb: float 
         streamed = [(i, w) for i, w in enumerate(where) if w != Where.GPU]
         if not streamed:
             return 0
-        staging = min(N_BUFFERS, len(streamed)) * max(stage(i, w) for i, w in streamed)
+        staging = min(n_buffers, len(streamed)) * max(stage(i, w) for i, w in streamed)
         # fp8-stored blocks are dequantised into one shared bf16 buffer right before they run
         fp8_compute = max(blocks[i] for i, w in streamed if w == Where.PINNED) \
             if dequantised and any(w == Where.PINNED for _, w in streamed) else 0
         return staging + fp8_compute
 
-    te_stream = sizes.text_encoder_stem + min(N_BUFFERS, len(sizes.text_encoder_blocks)) * max(
+    te_stream = sizes.text_encoder_stem + min(n_buffers, len(sizes.text_encoder_blocks)) * max(
         sizes.text_encoder_blocks) + ENCODE_WORK_BYTES
 
     def phases(where: list[Where], tiled: bool) -> dict[str, int]:
@@ -439,7 +449,7 @@ def plan_memory(sizes: ModelSizes, device: torch.device | str, budget_gb: float 
             "the VRAM budget is too small for Z-Image even with every block streamed",
             where="loader input 'vram_budget_gb'",
             expected=f"at least {need / GiB:.1f} GB at {width}x{height} x{batch} ({streaming} "
-                     f"streaming: CUDA context, the transformer's stem, {N_BUFFERS} block buffers and the working "
+                     f"streaming: CUDA context, the transformer's stem, {n_buffers} block buffers and the working "
                      "memory)",
             found=f"{budget / GiB:.1f} GB" + (" free" if budget_gb == 0 else ""),
             fix=f"raise vram_budget_gb to {need / GiB:.1f} or more, lower the resolution or batch, or close "
@@ -448,7 +458,7 @@ def plan_memory(sizes: ModelSizes, device: torch.device | str, budget_gb: float 
     placed = tuple((name, w) for (name, _), w in zip(sizes.transformer_blocks, where))
     te_host = Where.PINNED if not encodes or pinned + sum(sizes.text_encoder_blocks) <= host_budget else Where.MAPPED
     plan = MemoryPlan(str(device), budget, host_budget, height, width, batch, storage, placed, "streamed",
-                      te_host, tiled, sizes, ph, matmul, n_buffers=N_BUFFERS)
+                      te_host, tiled, sizes, ph, matmul, n_buffers=n_buffers)
     if not cache_resident:
         return plan
     plan = with_resident_cache(plan)
@@ -497,8 +507,9 @@ def plan_devices(sizes: ModelSizes, devices: list[str], budgets_gb: list[float],
     names = [n for n, _ in sizes.transformer_blocks]
     probe = MemoryPlan("cuda", 0, 0, height, width, batch, storage, (), "", Where.CPU, False, sizes, {}, matmul)
     block = [probe._block_bytes(i, Where.GPU) for i in range(len(names))]
-    te_stream = sizes.text_encoder_stem + N_BUFFERS * max(sizes.text_encoder_blocks) + ENCODE_WORK_BYTES
-    fixed = CUDA_CONTEXT_BYTES + SLACK_BYTES + denoise_work_bytes(height, width, batch) + N_BUFFERS * max(block)
+    n_buffers = buffers_for(storage, matmul)
+    te_stream = sizes.text_encoder_stem + n_buffers * max(sizes.text_encoder_blocks) + ENCODE_WORK_BYTES
+    fixed = CUDA_CONTEXT_BYTES + SLACK_BYTES + denoise_work_bytes(height, width, batch) + n_buffers * max(block)
     room = []
     for i, (d, b) in enumerate(zip(devices, budgets_gb)):
         budget = vram_budget_bytes(b, d, (free_bytes or {}).get(d))
@@ -563,4 +574,4 @@ def plan_devices(sizes: ModelSizes, devices: list[str], budgets_gb: list[float],
     return with_resident_cache(MemoryPlan(
         first.device, first.budget_bytes, host_budget, height, width, batch, storage,
         tuple(b for p in plans for b in p.blocks), "streamed", plans[-1].text_encoder_host, plans[-1].vae_tiled, sizes,
-        first.phases, matmul, tuple(plans), n_buffers=N_BUFFERS))
+        first.phases, matmul, tuple(plans), n_buffers=n_buffers))

@@ -29,7 +29,6 @@ from .block_dequant import ChunkTable, dequantize_block
 from .file_reads import Prefetch, cached, copy_to_device, file_range, read_into
 from .fp8_matmul import FP8, dequantize_into, fp8_quantize
 from .pinned_memory import host_buffer, pin
-from .placement import N_BUFFERS
 from .readahead import will_need
 
 READ_AHEAD = 768 * 2**20  # bytes of mapped blocks the disk is asked to read ahead of their copies
@@ -240,7 +239,7 @@ class BlockStreamer:
     device buffers. `attach()` hooks the blocks, `close()` unhooks them and frees every buffer."""
 
     def __init__(self, blocks: Sequence[tuple[nn.Module, HostBlock]], device: torch.device,
-                 n_buffers: int = N_BUFFERS, passes: int | None = None, once: Sequence[int] = ()):
+                 n_buffers: int = 3, passes: int | None = None, once: Sequence[int] = ()):
         """`passes`: how many times the run calls every block (a denoise: its steps), so that the
         last pass does not copy the first blocks again for a pass that never comes (at 8 GiB on an
         H100 the end of each image waited 11 ms for them). None: unknown, copies wrap around.

@@ -100,7 +100,7 @@ def test_a_decode_moves_resident_blocks_out_rather_than_tile_when_that_is_cheap(
     assert f"{len(moved)} resident blocks moved out for it" in p.summary()
     assert p.decode_plan(640, 640, 1) == ((), False)  # a smaller image fits beside them all
     assert p.decode_plan(2048, 2048, 1) == ((), True)  # 10 GB of decode: tiles
-    no_copies = plan(sizes, 8, host_gb=7)  # the streamed blocks take the pinned RAM
+    no_copies = plan(sizes, 8, host_gb=6.5)  # the streamed blocks take the pinned RAM
     assert not no_copies.resident_pinned and no_copies.decode_plan(1024, 1024, 1) == ((), True)
     assert no_copies.vae_tiled and not no_copies.decode_moved_out
 
@@ -108,6 +108,17 @@ def test_a_decode_moves_resident_blocks_out_rather_than_tile_when_that_is_cheap(
 def test_more_budget_means_more_resident_blocks(sizes):
     resident = [len(p.blocks) - len(p.streamed) for p in (plan(sizes, b) for b in (6, 8, 12, 16))]
     assert resident == sorted(resident) and resident[0] < resident[-1]
+
+
+def test_bf16_streaming_has_two_buffers_and_the_third_one_s_room_holds_a_resident_block(sizes, monkeypatch):
+    from zimage_nodes.loaders import placement
+
+    bf16, fp8 = plan(sizes, 8), plan(sizes, 8, storage="fp8")
+    assert (bf16.n_buffers, fp8.n_buffers) == (2, 3)
+    monkeypatch.setitem(placement.N_BUFFERS, placement.Storage.BF16, 3)
+    three = plan(sizes, 8)
+    assert three.n_buffers == 3 and len(three.streamed) == len(bf16.streamed) + 1
+    assert three.peak_bytes <= 8 * GiB and bf16.peak_bytes <= 8 * GiB
 
 
 def test_fp8_storage_halves_the_bytes_streamed_per_step(sizes):

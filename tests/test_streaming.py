@@ -62,6 +62,11 @@ def test_each_streamed_block_is_copied_once_per_step_through_a_fixed_pool(parts)
     # streamed block call, for the call 3 ahead: 3 blocks x 4 steps, none for a fifth step
     assert s.n == 3 and s.copies == 3 * 4
     assert len(s.stage) == 0  # closed after the run: the buffers are gone
+    rt = parts.runtime
+    rt.plan = dataclasses.replace(rt.plan, n_buffers=2)  # the pool is the size the plan has room for
+    run(parts, steps=4)
+    s = parts.transformer.last_streamer
+    assert s.n == 2 and s.copies == 3 * 4
 
 
 @pytest.mark.parametrize("passes, copies", [(None, 2 + 3 * 5), (3, 3 * 5), (1, 5)])

@@ -240,11 +240,15 @@ def run_diffusers(parts, pos, ctx, total):
 
 
 def rerun(parts, configs, suffix: str, ctx: int, total: int, outputs: dict) -> None:
-    """`configs` again under `label + suffix` (same-run A/B rows)."""
-    for label, budget, storage in configs:
-        label += suffix
+    """`configs` again under `label + suffix` (same-run A/B rows), each compared bit for bit with its
+    row without the suffix."""
+    for base, budget, storage in configs:
+        label = base + suffix
         try:
             outputs[label] = run_pack(parts, label, budget, storage, ctx, total)
+            if outputs.get(base) is not None:
+                R["runs"][label][f"latent_bitwise_equal_to_{base}"] = bool(torch.equal(outputs[label][0],
+                                                                                       outputs[base][0]))
         except Exception as e:  # noqa: BLE001
             R["runs"][label] = {"error": repr(e)[:500]}
             print(label, "FAILED", repr(e)[:500], flush=True)
@@ -286,12 +290,12 @@ def main():
                 profile(parts, label)
             except Exception as e:  # noqa: BLE001
                 R["runs"][label]["profile_error"] = repr(e)[:500]
-    if os.environ.get("DEQUANT_AB") == "1":  # fp8 rows again with the per-matrix dequantisation
-        from loaders import block_dequant
+    if os.environ.get("DEQUANT_AB") == "1":  # fp8 rows again, dequantised on the compute stream
+        from loaders import placement  # into one buffer (planned for)
 
-        block_dequant.launch.failed = True
-        rerun(parts, [c for c in configs if c[2] == "fp8"], "_per_matrix_dequant", ctx, total, outputs)
-        block_dequant.launch.failed = False
+        kept, placement.DEQUANT_BUFFERS = placement.DEQUANT_BUFFERS, 1
+        rerun(parts, [c for c in configs if c[2] == "fp8"], "_dequant_inline", ctx, total, outputs)
+        placement.DEQUANT_BUFFERS = kept
     if os.environ.get("BUFFERS_AB") == "1":  # streamed rows again with the other pool size (planned for)
         from loaders import placement
 

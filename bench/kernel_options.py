@@ -383,6 +383,55 @@ def norm_rope_kernel():
     print("norm_rope", r, flush=True)
 
 
+def modulation_kernels():
+    """The modulated block's norm x scale and gated residual (loaders/modulation.py) at a step's
+    shape: the eager ops and the Triton kernels (GPU ms from CUDA-graph replays; their difference),
+    then one eager layer (fused norms, norm_rope) with the kernels and without."""
+    from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
+
+    from loaders import modulation
+    from loaders.fused_norms import use_fused_norms
+    from loaders.real_rope import use_real_rope
+
+    dim, heads, tokens = (3840, 30, 4128) if CUDA else (64, 2, 48)
+    torch.manual_seed(0)
+    norm = torch.nn.RMSNorm(dim, eps=1e-5, device=DEV, dtype=DT)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(dim))
+    x = torch.randn(1, tokens, dim, device=DEV, dtype=DT)
+    y = torch.randn(1, tokens, dim, device=DEV, dtype=DT) * 4
+    scale = (1 + 0.3 * torch.randn(1, 1, dim, device=DEV)).to(DT)
+    gate = torch.tanh(torch.randn(1, 1, dim, device=DEV)).to(DT)
+    r: dict = {}
+    with torch.no_grad():
+        for name, eager, fused in (
+                ("norm_scale", lambda: norm(x) * scale, lambda: modulation.norm_scale(x, norm, scale)),
+                ("gated_residual", lambda: x + gate * norm(y), lambda: modulation.gated_residual(x, gate, y, norm))):
+            ref, out = eager(), fused()
+            d = (out.float() - ref.float()).abs()
+            r[name] = {"eager_ms": replayed_ms(eager) if CUDA else timed(eager),
+                       "kernel_ms": replayed_ms(fused) if CUDA else timed(fused),
+                       "max_abs_diff": round(d.max().item(), 5), "not_bitwise": int((d > 0).sum().item()),
+                       "kernel_failed": modulation.launch.failed}
+        blk = ZImageTransformerBlock(0, dim, heads, heads, 1e-5, True).to(DEV, DT).eval()
+        for n, p in blk.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.02 if p.ndim >= 2 else 1 + 0.1 * torch.randn_like(p) if "norm" in n
+                    else torch.zeros_like(p))
+        use_fused_norms(blk)
+        use_real_rope(blk)
+        ang = torch.rand(1, tokens, dim // heads // 2, device=DEV) * 6.28
+        freqs = torch.polar(torch.ones_like(ang), ang)
+        ada = torch.randn(1, min(dim, 256), device=DEV, dtype=DT)
+        ref = blk(x, None, freqs, ada)
+        r["eager_layer_ms"] = timed(lambda: blk(x, None, freqs, ada))
+        modulation.use_fused_modulation(blk)
+        out = blk(x, None, freqs, ada)
+        r["eager_layer_fused_modulation_ms"] = timed(lambda: blk(x, None, freqs, ada))
+        r["eager_layer_max_diff"] = round((out.float() - ref.float()).abs().max().item(), 4)
+    R["modulation_kernels"] = r
+    print("modulation_kernels", r, flush=True)
+
+
 def replayed_ms(fn, calls: int = 20) -> float:
     """GPU milliseconds per call of `fn`, captured `calls` times in a CUDA graph and replayed."""
     fn()
@@ -395,7 +444,7 @@ def replayed_ms(fn, calls: int = 20) -> float:
 
 
 def main():
-    parts = (gemms, attention, dequantize, vae_decode, compiled_block, norm_rope_kernel)
+    parts = (gemms, attention, dequantize, vae_decode, compiled_block, norm_rope_kernel, modulation_kernels)
     wanted = os.environ.get("PARTS", ",".join(p.__name__ for p in parts)).split(",")
     for part in (p for p in parts if p.__name__ in wanted):
         try:

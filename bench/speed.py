@@ -28,6 +28,7 @@ from full_size_files import OUT, TOKENIZER, WORK, write  # noqa: E402  (also put
 from loaders.fused_norms import use_plain_norms  # noqa: E402
 from loaders.generation import decode, denoise  # noqa: E402
 from loaders.group_norm import use_plain_group_norms  # noqa: E402
+from loaders.modulation import use_plain_modulation  # noqa: E402
 from loaders.pipeline_loading import load_parts  # noqa: E402
 from loaders.placement import GiB, Matmul, plan_memory  # noqa: E402
 from loaders.real_rope import use_complex_rope  # noqa: E402
@@ -194,8 +195,9 @@ def run_diffusers(parts, pos):
     gc.collect()
     dev = "cuda" if CUDA else "cpu"
     tr = parts.transformer.component.module.to(dev)
-    use_plain_norms(tr)  # diffusers as it ships, not with the pack's fused norms and real RoPE
+    use_plain_norms(tr)  # diffusers as it ships, not with the pack's fused norms, modulation and real RoPE
     use_complex_rope(tr)
+    use_plain_modulation(tr)
     vae = parts.vae.component.module.to(dev, parts.runtime.dtype)
     use_plain_group_norms(vae)
     pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0), vae=vae,

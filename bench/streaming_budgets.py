@@ -14,6 +14,7 @@ Cases: (a) a new seed with the prompt's conditioning cached (the usual ComfyUI c
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -32,6 +33,7 @@ from smi_peak import SmiPeak  # noqa: E402
 from loaders.fused_norms import use_plain_norms  # noqa: E402
 from loaders.generation import decode, denoise  # noqa: E402
 from loaders.group_norm import use_plain_group_norms  # noqa: E402
+from loaders.modulation import use_plain_modulation  # noqa: E402
 from loaders.pipeline_loading import load_parts  # noqa: E402
 from loaders.placement import GiB, Storage, plan_memory  # noqa: E402
 from loaders.real_rope import use_complex_rope  # noqa: E402
@@ -39,6 +41,9 @@ from loaders.real_rope import use_complex_rope  # noqa: E402
 QUICK = os.environ.get("QUICK") == "1"
 STEPS, RES = 9, int(os.environ.get("RES", 1024))
 R: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": STEPS, "res": RES, "runs": {}}
+
+
+PLAN_EDIT = lambda plan: plan  # noqa: E731  (same-run A/B rows change the plan's settings)
 
 
 def log(k, v):
@@ -55,8 +60,17 @@ def sync():
     torch.cuda.synchronize()
 
 
-def h2d_rate() -> float:
-    x = torch.empty(2**30, dtype=torch.uint8, pin_memory=True)
+def h2d_rate(registered: bool = False) -> float:
+    """Host-to-device bytes/s of a 1 GiB copy from PyTorch's pinned memory, or (registered) from
+    page-locked memory as the pack makes it for streamed blocks (cudaHostRegister)."""
+    if registered:
+        from loaders.pinned_memory import pinned_buffer
+
+        owner = type("Owner", (), {})()  # the 1 GiB is unregistered and freed with it, at the end
+        x = pinned_buffer(2**30, owner)
+        x.fill_(1)
+    else:
+        x = torch.empty(2**30, dtype=torch.uint8, pin_memory=True)
     y = torch.empty_like(x, device="cuda")
     for _ in range(2):
         sync()
@@ -83,7 +97,7 @@ def run_pack(parts, label: str, budget_gb: float, storage: str, ctx: int, total:
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(1.0 if budget_gb == 0 else (budget_gb * GiB - ctx) / total)
     rt.vram_budget_gb, rt.storage = budget_gb, Storage(storage)
-    rt.plan = plan_memory(rt.sizes, rt.device, budget_gb, rt.ram_budget_gb, RES, RES, 1, storage)
+    rt.plan = PLAN_EDIT(plan_memory(rt.sizes, rt.device, budget_gb, rt.ram_budget_gb, RES, RES, 1, storage))
     plan = rt.plan
     res = {"budget_gb": budget_gb, "storage": storage, "plan": plan.summary(),
            "streamed_GB_per_step": round(plan.streamed_bytes_per_step / 1e9, 3),
@@ -178,8 +192,9 @@ def run_diffusers(parts, pos, ctx, total):
     torch.cuda.set_per_process_memory_fraction(1.0)
     parts.release()
     tr = parts.transformer.component.module
-    use_plain_norms(tr)  # diffusers as it ships, not with the pack's fused norms and real RoPE
+    use_plain_norms(tr)  # diffusers as it ships, not with the pack's fused norms, modulation and real RoPE
     use_complex_rope(tr)
+    use_plain_modulation(tr)
     vae = parts.vae.component.module.to(torch.bfloat16)
     use_plain_group_norms(vae)
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
@@ -256,6 +271,7 @@ def rerun(parts, configs, suffix: str, ctx: int, total: int, outputs: dict) -> N
 
 def main():
     log("h2d_pinned_GBps", round(h2d_rate() / 1e9, 1))
+    log("h2d_registered_GBps", round(h2d_rate(registered=True) / 1e9, 1))
     paths = write(WORK)
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info()
@@ -290,12 +306,11 @@ def main():
                 profile(parts, label)
             except Exception as e:  # noqa: BLE001
                 R["runs"][label]["profile_error"] = repr(e)[:500]
-    if os.environ.get("DEQUANT_AB") == "1":  # fp8 rows again, dequantised on the compute stream
-        from loaders import placement  # into one buffer (planned for)
-
-        kept, placement.DEQUANT_BUFFERS = placement.DEQUANT_BUFFERS, 1
+    if os.environ.get("DEQUANT_AB") == "1":  # fp8 rows again, same placement, dequantised on the
+        global PLAN_EDIT  # compute stream into one buffer: the same bits, or a race
+        PLAN_EDIT = lambda plan: dataclasses.replace(plan, dequant_buffers=1)  # noqa: E731
         rerun(parts, [c for c in configs if c[2] == "fp8"], "_dequant_inline", ctx, total, outputs)
-        placement.DEQUANT_BUFFERS = kept
+        PLAN_EDIT = lambda plan: plan  # noqa: E731
     if os.environ.get("BUFFERS_AB") == "1":  # streamed rows again with the other pool size (planned for)
         from loaders import placement
 

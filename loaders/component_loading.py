@@ -19,6 +19,7 @@ from . import key_names, model_detection
 from .errors import ZImageError
 from .fused_norms import use_fused_norms
 from .group_norm import use_spread_group_norms
+from .modulation import use_fused_modulation
 from .real_rope import use_real_rope
 from .tile_blend import use_one_pass_blends
 from .weight_source import WeightSource
@@ -137,6 +138,7 @@ def load_transformer(path: str, dtype: torch.dtype = torch.bfloat16) -> LoadedCo
             module = ZImageTransformer2DModel(**config)
         _fill(module, src, resolve, dtype, fix)
         use_fused_norms(module)
+        use_fused_modulation(module)
         use_real_rope(module)
         return LoadedComponent(_finish(module, "transformer"), config, src.where,
                                "original" if original else "diffusers", _source_dtype(src))

@@ -116,6 +116,37 @@ def test_transformer_norms_run_fused_and_match_diffusers_own(tiny, pack):
     torch.testing.assert_close(fused, norms[0](x), atol=1e-6, rtol=1e-5)
 
 
+def test_modulated_blocks_take_the_fused_path_and_match_diffusers_forward(tiny, pack, monkeypatch):
+    """The blocks' forward with norm_scale / gated_residual (Triton on GPUs): off the GPU it is
+    diffusers' own; its fused path, run here with the kernels' eager equivalents, composes the same
+    block bit for bit."""
+    from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
+
+    from zimage_nodes.loaders import modulation
+    from zimage_nodes.loaders.component_loading import load_transformer
+
+    t = load_transformer(tiny["transformer"], torch.float32).module
+    blocks = [m for m in t.modules() if isinstance(m, ZImageTransformerBlock)]
+    assert blocks and all(type(b).__name__ == "FusedModulationBlock" for b in blocks)
+    blk = t.layers[0]
+    n, dim = 9, t.dim
+    torch.manual_seed(0)
+    x = torch.randn(2, n, dim)
+    freqs = torch.polar(torch.ones(2, n, sum(t.config.axes_dims) // 2), torch.randn(2, n, sum(t.config.axes_dims) // 2))
+    adaln = torch.randn(2, min(dim, 256))
+    with torch.no_grad():
+        theirs = ZImageTransformerBlock.forward(blk, x, None, freqs, adaln)
+        assert torch.equal(blk(x, None, freqs, adaln), theirs)  # a CPU tensor: diffusers' forward
+        calls = []
+        monkeypatch.setattr(modulation, "fits", lambda x, *v: True)
+        monkeypatch.setattr(modulation, "launch", lambda name, *a: calls.append(name))  # "failed": eager
+        monkeypatch.setattr(modulation, "_norm_weight", lambda norm, x: norm.weight)
+        assert torch.equal(blk(x, None, freqs, adaln), theirs)
+    assert calls == ["norm_scale", "gated_residual", "norm_scale", "gated_residual"]
+    modulation.use_plain_modulation(t)
+    assert all(type(b) is ZImageTransformerBlock for b in blocks)
+
+
 def test_attention_rotates_on_real_numbers_bit_for_bit_like_diffusers_complex_product(tiny, pack):
     from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
 

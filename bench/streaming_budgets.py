@@ -14,7 +14,6 @@ Cases: (a) a new seed with the prompt's conditioning cached (the usual ComfyUI c
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import math
@@ -41,9 +40,6 @@ from loaders.real_rope import use_complex_rope  # noqa: E402
 QUICK = os.environ.get("QUICK") == "1"
 STEPS, RES = 9, int(os.environ.get("RES", 1024))
 R: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": STEPS, "res": RES, "runs": {}}
-
-
-PLAN_EDIT = lambda plan: plan  # noqa: E731  (same-run A/B rows change the plan's settings)
 
 
 def log(k, v):
@@ -97,7 +93,7 @@ def run_pack(parts, label: str, budget_gb: float, storage: str, ctx: int, total:
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(1.0 if budget_gb == 0 else (budget_gb * GiB - ctx) / total)
     rt.vram_budget_gb, rt.storage = budget_gb, Storage(storage)
-    rt.plan = PLAN_EDIT(plan_memory(rt.sizes, rt.device, budget_gb, rt.ram_budget_gb, RES, RES, 1, storage))
+    rt.plan = plan_memory(rt.sizes, rt.device, budget_gb, rt.ram_budget_gb, RES, RES, 1, storage)
     plan = rt.plan
     res = {"budget_gb": budget_gb, "storage": storage, "plan": plan.summary(),
            "streamed_GB_per_step": round(plan.streamed_bytes_per_step / 1e9, 3),
@@ -306,11 +302,12 @@ def main():
                 profile(parts, label)
             except Exception as e:  # noqa: BLE001
                 R["runs"][label]["profile_error"] = repr(e)[:500]
-    if os.environ.get("DEQUANT_AB") == "1":  # fp8 rows again, same placement, dequantised on the
-        global PLAN_EDIT  # compute stream into one buffer: the same bits, or a race
-        PLAN_EDIT = lambda plan: dataclasses.replace(plan, dequant_buffers=1)  # noqa: E731
-        rerun(parts, [c for c in configs if c[2] == "fp8"], "_dequant_inline", ctx, total, outputs)
-        PLAN_EDIT = lambda plan: plan  # noqa: E731
+    if os.environ.get("MODULATION_AB") == "1":  # unlimited again with diffusers' own block forward
+        from loaders import modulation  # (no fused norm x scale / gated residual kernels)
+
+        modulation.launch.failed = True
+        rerun(parts, [c for c in configs if c[1] == 0], "_plain_modulation", ctx, total, outputs)
+        modulation.launch.failed = False
     if os.environ.get("BUFFERS_AB") == "1":  # streamed rows again with the other pool size (planned for)
         from loaders import placement
 

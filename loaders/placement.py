@@ -85,11 +85,6 @@ class Matmul(str, Enum):
 N_BUFFERS = {Storage.BF16: 2, Storage.FP8: 3}
 
 
-# bf16 buffers fp8-stored blocks are dequantised into (streaming.BlockStreamer): with 2, each block's
-# dequantisation runs on a side stream while the block before it computes.
-DEQUANT_BUFFERS = 2
-
-
 def buffers_for(storage: Storage, matmul: Matmul) -> int:
     return N_BUFFERS[Storage.FP8 if storage == Storage.FP8 or matmul == Matmul.FP8 else Storage.BF16]
 
@@ -188,7 +183,6 @@ class MemoryPlan:
     # Resident blocks moved out of the GPU for a decode of the planned size (see decode_plan).
     decode_moved_out: tuple[str, ...] = ()
     n_buffers: int = 3  # the streamer's device buffers the plan has room for (buffers_for)
-    dequant_buffers: int = 1  # and its bf16 buffers for fp8-stored blocks (DEQUANT_BUFFERS)
 
     @property
     def devices(self) -> list[str]:
@@ -423,8 +417,8 @@ def plan_memory(sizes: ModelSizes, device: torch.device | str, budget_gb: float 
         if not streamed:
             return 0
         staging = min(n_buffers, len(streamed)) * max(stage(i, w) for i, w in streamed)
-        # fp8-stored blocks are dequantised into DEQUANT_BUFFERS bf16 buffers they share
-        fp8_compute = DEQUANT_BUFFERS * max(blocks[i] for i, w in streamed if w == Where.PINNED) \
+        # fp8-stored blocks are dequantised into one shared bf16 buffer right before they run
+        fp8_compute = max(blocks[i] for i, w in streamed if w == Where.PINNED) \
             if dequantised and any(w == Where.PINNED for _, w in streamed) else 0
         return staging + fp8_compute
 
@@ -464,7 +458,7 @@ def plan_memory(sizes: ModelSizes, device: torch.device | str, budget_gb: float 
     placed = tuple((name, w) for (name, _), w in zip(sizes.transformer_blocks, where))
     te_host = Where.PINNED if not encodes or pinned + sum(sizes.text_encoder_blocks) <= host_budget else Where.MAPPED
     plan = MemoryPlan(str(device), budget, host_budget, height, width, batch, storage, placed, "streamed",
-                      te_host, tiled, sizes, ph, matmul, n_buffers=n_buffers, dequant_buffers=DEQUANT_BUFFERS)
+                      te_host, tiled, sizes, ph, matmul, n_buffers=n_buffers)
     if not cache_resident:
         return plan
     plan = with_resident_cache(plan)

@@ -202,7 +202,7 @@ class TransformerHandle:
                     streamers.append(BlockStreamer(
                         [(self._replica.get_submodule(n), self._host[n]) for n in names],
                         torch.device(block_device[names[0]]), n_buffers=sub.n_buffers, passes=passes,
-                        once=once, dequant_buffers=sub.dequant_buffers).attach())
+                        once=once).attach())
             if returning and len(streamers) == 1 and not plan.device_plans:
                 # slipped in between the streamed blocks' copies: each after the streamed blocks
                 # called before it

@@ -10,12 +10,11 @@ On a CPU device the same engine runs with synchronous copies, so its logic is te
 
 Storage: "bf16" copies weights as they are; "fp8" keeps each streamed matrix in float8_e4m3fn
 with one float32 scale per output row (per-row absmax / 448): half the bytes over PCIe. It is
-dequantised into bf16 buffers the streamed blocks take in turn (`dequant_buffers`, not one per
-slot, leaving room for resident blocks), never on the copy stream (kernels queued there waited for
-SMs the blocks were using and held up the next copy). With one buffer, on the compute stream right
-before its block runs; with two, on a stream of its own while the block before it computes. When
-the blocks multiply in fp8 themselves (`fp8_matmul.Fp8Linear`), the fp8 weights and their scales
-are bound as they arrived.
+dequantised on the compute stream, right before its block runs, into one bf16 buffer that every
+streamed block shares: the copy stream then only copies (kernels queued there waited for SMs the
+blocks were using and held up the next copy), and one buffer instead of one per slot leaves room
+for more resident blocks. When the blocks multiply in fp8 themselves (`fp8_matmul.Fp8Linear`),
+the fp8 weights and their scales are bound as they arrived.
 """
 from __future__ import annotations
 
@@ -240,14 +239,12 @@ class BlockStreamer:
     device buffers. `attach()` hooks the blocks, `close()` unhooks them and frees every buffer."""
 
     def __init__(self, blocks: Sequence[tuple[nn.Module, HostBlock]], device: torch.device,
-                 n_buffers: int = 3, passes: int | None = None, once: Sequence[int] = (),
-                 dequant_buffers: int = 1):
+                 n_buffers: int = 3, passes: int | None = None, once: Sequence[int] = ()):
         """`passes`: how many times the run calls every block (a denoise: its steps), so that the
         last pass does not copy the first blocks again for a pass that never comes (at 8 GiB on an
         H100 the end of each image waited 11 ms for them). None: unknown, copies wrap around.
         `once`: positions of blocks called in the first pass only (the context refiner, whose output
-        later passes replay: caption_refine); their hooks come off after that call.
-        `dequant_buffers`: bf16 buffers for fp8-stored blocks (see the module's docstring)."""
+        later passes replay: caption_refine); their hooks come off after that call."""
         if not blocks:
             raise ValueError("nothing to stream")
         self.device = torch.device(device)
@@ -258,15 +255,9 @@ class BlockStreamer:
         self.stage = [torch.empty(stage_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.n)]
         fp8 = any(h.dequantized for _, h in self.blocks)
         compute_bytes = max(h.compute_bytes for _, h in self.blocks)
-        self.compute = [torch.empty(compute_bytes, dtype=torch.uint8, device=self.device)
-                        for _ in range(dequant_buffers if fp8 else 0)]
+        # one dequantisation buffer: blocks run one after another on the compute stream
+        self.compute = torch.empty(compute_bytes, dtype=torch.uint8, device=self.device) if fp8 else None
         self._tables: dict[bytes, torch.Tensor] = {}  # dequantisation chunk tables on the device
-        self._dequantized: dict[int, int] = {}  # call number -> compute buffer its block is (being) dequantised in
-        self._next_compute = 0  # the compute buffer the next dequantisation takes
-        ahead = self.cuda and len(self.compute) > 1
-        self.dequant_stream = torch.cuda.Stream(self.device) if ahead else None
-        self.dequant_done = [torch.cuda.Event() for _ in self.compute] if ahead else []
-        self.compute_free = [torch.cuda.Event() for _ in self.compute] if ahead else []
         self.index = {id(m): i for i, (m, _) in enumerate(self.blocks)}
         # Blocks copied out of the file mapping have the disk read them this many blocks ahead of
         # their copy (about READ_AHEAD bytes): one long read instead of one per block.
@@ -355,7 +346,7 @@ class BlockStreamer:
             self._unbind(m)
         self._pending.clear()
         self._extra = []  # copies not slipped in: their blocks issue them when called
-        self.stage, self.compute, self._tables, self._dequantized = [], [], {}, {}
+        self.stage, self.compute, self._tables = [], None, {}
 
     # -- internals -------------------------------------------------------------------------
     def _issue(self, call: int, slot: int) -> None:
@@ -384,12 +375,9 @@ class BlockStreamer:
         if self.cuda:
             torch.cuda.current_stream(self.device).synchronize()
             self.copy_stream.synchronize()
-            if self.dequant_stream is not None:
-                self.dequant_stream.synchronize()
-            for ev in self.freed + self.compute_free:
+            for ev in self.freed:
                 ev.record(torch.cuda.current_stream(self.device))
         self._pending.clear()
-        self._dequantized.clear()
         self._end_prefetch()
         order = [self.blocks[self._pos(call + k)][1] for k in range(len(self.blocks)) if self._will_call(call + k)]
         if order and order[0].sources and not cached(order[0].sources[0]):
@@ -423,55 +411,23 @@ class BlockStreamer:
         pos = self.index[id(module)]
         if self._pos(self._call) != pos or self._call not in self._pending:
             self._restart(self._find(pos))
-        call = self._call
-        slot = self._pending[call]
-        stream = torch.cuda.current_stream(self.device) if self.cuda else None
+        slot = self._pending[self._call]
         if self.cuda:
-            stream.wait_event(self.copied[slot])
+            torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
         _, host = self.blocks[pos]
-        compute = None
         if host.dequantized:
-            b = self._dequantize(call)
-            if self.dequant_stream is not None:
-                stream.wait_event(self.dequant_done[b])
-            compute = self.compute[b]
-            nxt = call + 1  # the next block's dequantisation runs while this one computes
-            if self.dequant_stream is not None and nxt in self._pending and self.blocks[self._pos(nxt)][1].dequantized:
-                self._dequantize(nxt)
-        self._slots[id(module)].bind(host.views(self.stage[slot], compute))
-
-    def _dequantize(self, call: int) -> int:
-        """Start dequantising the block of `call` (copy issued) into the next compute buffer, unless
-        started already; returns that buffer's index."""
-        b = self._dequantized.get(call)
-        if b is not None:
-            return b
-        b = self._dequantized[call] = self._next_compute
-        self._next_compute = (b + 1) % len(self.compute)
-        slot, host = self._pending[call], self.blocks[self._pos(call)][1]
-        if self.dequant_stream is None:  # on the current (compute) stream, which waited for the copy
-            host.dequantize(self.stage[slot], self.compute[b], self._tables)
-            return b
-        s = self.dequant_stream
-        s.wait_event(self.copied[slot])
-        s.wait_event(self.compute_free[b])  # the block that used this buffer last has run
-        with torch.cuda.stream(s):
-            host.dequantize(self.stage[slot], self.compute[b], self._tables)
-        self.dequant_done[b].record(s)
-        return b
+            host.dequantize(self.stage[slot], self.compute, self._tables)
+        self._slots[id(module)].bind(host.views(self.stage[slot], self.compute))
 
     def _after(self, module: nn.Module, args, output) -> None:
         call = self._call
         slot = self._pending.pop(call)
-        b = self._dequantized.pop(call, None)
         self._unbind(module)
         if self.index[id(module)] in self.once:
             for h in self._handles.pop(id(module), ()):
                 h.remove()
         if self.cuda:
             self.freed[slot].record(torch.cuda.current_stream(self.device))
-            if b is not None and self.compute_free:
-                self.compute_free[b].record(torch.cuda.current_stream(self.device))
         idle = bool(self._extra) and self.cuda and self.copy_stream.query()
         if self._will_call(call + self.n):
             self._issue(call + self.n, slot)

@@ -125,10 +125,9 @@ def test_fp8_storage_halves_the_bytes_streamed_per_step(sizes):
     bf16, fp8 = plan(sizes, 6), plan(sizes, 6, storage="fp8")
     per_block = [p.streamed_bytes_per_step / len(p.streamed) for p in (bf16, fp8)]
     assert 0.49 < per_block[1] / per_block[0] < 0.52
-    # three half-size staging buffers and two bf16 ones to dequantise into take one block more room
-    # than bf16's two staging buffers: one block more streams, at half the bytes
-    assert len(fp8.streamed) <= len(bf16.streamed) + 1
-    assert fp8.streamed_bytes_per_step < 0.55 * bf16.streamed_bytes_per_step
+    # half-size staging buffers plus one shared bf16 dequantisation buffer take less room than
+    # bf16's staging buffers: at least as many blocks stay resident
+    assert len(fp8.streamed) <= len(bf16.streamed)
     assert fp8.phases["denoise"] <= 6 * GiB
 
 

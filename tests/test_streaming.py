@@ -122,21 +122,6 @@ def test_fp8_storage_stays_close_to_bf16(parts):
     # per-row scaled e4m3 keeps ~3 significant bits per weight: measured ~50 dB on the tiny model
     assert cos > 0.999 and psnr(reference / reference.abs().max(), fp8 / reference.abs().max()) > 30
     assert not torch.equal(reference, fp8)
-    # two bf16 buffers the streamed blocks are dequantised into in turn (ahead, on a GPU): the same bits
-    rt = parts.runtime
-    rt.plan = dataclasses.replace(rt.plan, dequant_buffers=2)
-    dequantized_in = []
-    from zimage_nodes.loaders import streaming
-
-    real = streaming.HostBlock.dequantize
-    streaming.HostBlock.dequantize = lambda self, stage, compute, tables: (
-        dequantized_in.append(compute.data_ptr()), real(self, stage, compute, tables))[1]
-    try:
-        assert torch.equal(run(parts), fp8)
-    finally:
-        streaming.HostBlock.dequantize = real
-    assert len(parts.transformer.last_streamer.compute) == 0  # freed at the end of the run
-    assert len(set(dequantized_in)) == 2 and all(a != b for a, b in zip(dequantized_in, dequantized_in[1:]))
 
 
 def test_fp8_quantisation_round_trips_within_e4m3_precision(pack):
@@ -181,7 +166,7 @@ def test_an_error_inside_a_streamed_block_frees_the_pool_and_the_next_run_works(
     finally:
         generation.Velocity.__call__ = real
     s = parts.transformer.last_streamer
-    assert s.stage == [] and s.compute == [] and not s._handles
+    assert s.stage == [] and s.compute is None and not s._handles
     # every streamed block is unbound: its parameters are empty placeholders again
     for name in ("noise_refiner.0", "layers.0", "layers.1"):
         block = replica_holder["tr"].get_submodule(name)

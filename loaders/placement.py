@@ -566,8 +566,8 @@ def plan_devices(sizes: ModelSizes, devices: list[str], budgets_gb: list[float],
         need = [f"{d}: {b} GB" for d, b in zip(devices, budgets_gb)]
         raise ZImageError("the VRAM budgets are too small to split Z-Image over these GPUs",
                           where="loader input 'devices'", found=", ".join(need),
-                          expected="room on each GPU for its CUDA context, 3 block buffers and the working memory, "
-                                   "plus the stem on the first and the text encoder and VAE on the last",
+                          expected=f"room on each GPU for its CUDA context, {n_buffers} block buffers and the working "
+                                   "memory, plus the stem on the first and the text encoder and VAE on the last",
                           fix="raise the budgets, use fewer GPUs, or one GPU with streaming.")
     plans = best
     first = plans[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import statistics
 import sys
@@ -53,7 +54,7 @@ def context_bytes() -> list[int]:
     return out
 
 
-def run(paths, label, devices, budgets, ctx):
+def run(paths, label, devices, budgets, ctx, storage="bf16"):
     for i in range(N):
         torch.cuda.set_per_process_memory_fraction(1.0, i)
     for d, b in zip(devices, budgets):
@@ -63,8 +64,9 @@ def run(paths, label, devices, budgets, ctx):
         total = torch.cuda.get_device_properties(i).total_memory
         torch.cuda.set_per_process_memory_fraction((b * GiB - ctx[i]) / total, i)
     parts = load_parts(paths["transformer"], paths["text_encoder"], paths["vae"], budgets[0],
-                       device=devices[0], comfy_tokenizer=TOKENIZER, devices=devices, vram_budgets_gb=budgets)
-    res = {"devices": devices, "budgets_gb": budgets}
+                       device=devices[0], comfy_tokenizer=TOKENIZER, devices=devices, vram_budgets_gb=budgets,
+                       storage=storage)
+    res = {"devices": devices, "budgets_gb": budgets, "storage": storage}
     try:
         latent = torch.zeros(1, 16, RES // 8, RES // 8)
         for i in range(N):
@@ -109,16 +111,19 @@ def main():
     paths = write(WORK)
     ctx = context_bytes()
     R["cuda_context_GiB"] = [round(c / GiB, 2) for c in ctx]
-    configs = [("one_gpu_8GiB", ["cuda:0"], [8.0]), ("two_gpus_12GiB_each", ["cuda:0", "cuda:1"], [12.0, 12.0]),
-               ("two_gpus_8GiB_each", ["cuda:0", "cuda:1"], [8.0, 8.0]),
-               ("one_gpu_unlimited", ["cuda:0"], [0.0])]
+    configs = [("one_gpu_8GiB", ["cuda:0"], [8.0], "bf16"),
+               ("two_gpus_12GiB_each", ["cuda:0", "cuda:1"], [12.0, 12.0], "bf16"),
+               ("two_gpus_8GiB_each", ["cuda:0", "cuda:1"], [8.0, 8.0], "bf16"),
+               # fp8 blocks dequantised on the second GPU too (Triton launches on the tensors' GPU)
+               ("two_gpus_6GiB_each_fp8", ["cuda:0", "cuda:1"], [6.0, 6.0], "fp8"),
+               ("one_gpu_unlimited", ["cuda:0"], [0.0], "bf16")]
     outs = {}
-    for label, devs, budgets in configs:
+    for label, devs, budgets, storage in configs:
         if len(devs) > N:
             R["runs"][label] = {"skipped": f"needs {len(devs)} GPUs, this machine has {N}"}
             continue
         try:
-            outs[label] = run(paths, label, devs, budgets, ctx)
+            outs[label] = run(paths, label, devs, budgets, ctx, storage)
         except Exception as e:
             R["runs"][label] = {"error": repr(e)[:500]}
             print(label, "FAILED", repr(e)[:500], flush=True)
@@ -128,13 +133,16 @@ def main():
         if ref is not None and label != "one_gpu_8GiB":
             R["runs"][label]["latent_bitwise_equal_to_one_gpu"] = bool(torch.equal(o[0], ref[0]))
             R["runs"][label]["latent_max_abs_diff_vs_one_gpu"] = float((o[0] - ref[0]).abs().max())
+            mse = torch.mean((o[1].float() - ref[1].float()) ** 2).item()
+            R["runs"][label]["image_psnr_vs_one_gpu_dB"] = round(10 * math.log10(1 / mse), 2) if mse else float("inf")
     base = R["runs"].get("one_gpu_8GiB", {}).get("s_per_image")
     print(f"\nGPUs: {R['gpus']}  torch {R['torch']}")
     for label, r in R["runs"].items():
         a = r.get("s_per_image")
         print(f"{label:24s} s/img {a or float('nan'):6.3f}  ratio {(a / base) if a and base else float('nan'):5.2f}  "
               f"peak/GPU incl. context {r.get('peak_incl_context_GiB_per_gpu')}  "
-              f"smi {r.get('nvidia_smi_peak_GiB_per_gpu')}  equal {r.get('latent_bitwise_equal_to_one_gpu')}"
+              f"smi {r.get('nvidia_smi_peak_GiB_per_gpu')}  equal {r.get('latent_bitwise_equal_to_one_gpu')}  "
+              f"PSNR {r.get('image_psnr_vs_one_gpu_dB')}"
               + (f"  ERROR {r['error'][:100]}" if "error" in r else ""))
     save()
 

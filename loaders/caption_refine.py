@@ -24,45 +24,47 @@ def refiner_blocks(transformer: nn.Module) -> list[nn.Module]:
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a is b or (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b))
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
 
 
 class RefinedCaptions:
-    """The refiner's output for the last caption batch (a few MB on the GPU), with the caption
-    features it came from: an unchanged conditioning finds it, whatever tensor object carries it."""
+    """The refiner's output for the last caption batch (a few MB on the GPU), with a copy of the
+    caption features it came from: an unchanged conditioning finds it, whatever tensor object
+    carries it; one changed in place does not. (A copy, not version counters: ComfyUI runs nodes in
+    inference mode, whose tensors have none.)"""
 
     def __init__(self):
         self._key: tuple | None = None
         self.value: torch.Tensor | None = None
 
-    def _key_of(self, captions: Sequence[torch.Tensor], layout) -> tuple:
-        return layout, tuple(captions), tuple(c._version for c in captions)
-
     def find(self, captions: Sequence[torch.Tensor], layout) -> torch.Tensor | None:
         if self._key is None:
             return None
-        kept_layout, kept, versions = self._key
+        kept_layout, kept = self._key
         if kept_layout != layout or len(kept) != len(captions):
             return None
         if any(not _same(a, b) for a, b in zip(kept, captions)):
             return None
-        if any(a is b and a._version != v for a, b, v in zip(kept, captions, versions)):
-            return None  # the same tensor, changed in place
         return self.value
 
     def keep(self, captions: Sequence[torch.Tensor], layout, value: torch.Tensor) -> None:
-        self._key, self.value = self._key_of(captions, layout), value
+        copies = {id(c): c.detach().clone() for c in captions}  # a batch repeats its captions
+        self._key, self.value = (layout, tuple(copies[id(c)] for c in captions)), value
 
     def clear(self) -> None:
         self._key, self.value = None, None
 
 
 @contextmanager
-def once_per_caption(transformer: nn.Module, captions: Sequence[torch.Tensor], cache: RefinedCaptions,
+def once_per_caption(transformer: nn.Module, captions: Sequence[torch.Tensor] | None, cache: RefinedCaptions,
                      layout=None) -> Iterator[bool]:
     """For the `with` block: the context refiner's blocks replay `cache`'s output for `captions` (the
     caption features of the batch the transformer is called with, in order), computing it at the
-    first call when the cache has none. Yields whether this run computes it."""
+    first call when the cache has none. Yields whether this run computes it. Without `captions`
+    (a caller that does not say) the blocks run at every call."""
+    if captions is None:
+        yield True
+        return
     blocks = refiner_blocks(transformer)
     found = cache.find(captions, layout)
 

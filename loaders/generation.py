@@ -93,8 +93,8 @@ def denoise(parts: ZImagePipelineParts, positive: torch.Tensor, negative: torch.
         # The inputs reach the GPU before the weights start streaming (sampling.start).
         begin = sampling.start(latent, seed, steps, sampler, shift, denoise, rt.device)
         given = batch_captions(positive, negative, latent.shape[0])  # what the refiner's cache compares
-        on_device = {id(c): c.to(rt.device, rt.dtype) for c in given}
-        captions = [on_device[id(c)] for c in given]
+        moved = {id(c): c.to(rt.device, rt.dtype) for c in given}
+        captions = [moved[id(c)] for c in given]
         with parts.transformer.on_device(plan, passes=steps, captions=given) as tr, \
                 attention.attention_backend(tr, backend), \
                 compiled_blocks.compiled(tr, compile_blocks, compile_backend) as compile_report:

@@ -173,7 +173,7 @@ class TransformerHandle:
         module = self.component.module
         fp8 = plan.matmul == Matmul.FP8
         if all(w == Where.CPU for _, w in plan.blocks) and not fp8:
-            with self._refined_once(module, captions, ("cpu",)):
+            with once_per_caption(module, captions, self.refined, ("cpu",)):
                 yield module
             return
         block_device = plan.block_device()
@@ -216,21 +216,13 @@ class TransformerHandle:
                 final = {f"all_final_layer.{k}": self.runtime.device for k in self._replica.all_final_layer.keys()}
                 hops = DeviceHops(self._replica, {**block_device, **final})
             self.streamers, self.last_hops = streamers, hops
-            with self._refined_once(self._replica, captions, layout):
+            with once_per_caption(self._replica, captions, self.refined, layout):
                 yield self._replica
         finally:
             for st in streamers:
                 st.close()
             if hops is not None:
                 hops.remove()
-
-    @contextmanager
-    def _refined_once(self, module: nn.Module, captions: list[torch.Tensor] | None, layout) -> Iterator[None]:
-        if captions is None:
-            yield
-            return
-        with once_per_caption(module, captions, self.refined, layout):
-            yield
 
     def _build(self, plan: MemoryPlan, block_device: dict[str, str]) -> None:
         """The GPU copy for `plan`: resident blocks copied (from their pinned copy when the plan keeps

@@ -92,6 +92,15 @@ def test_a_new_or_changed_caption_is_refined_again(parts, refiner_calls):
     assert len(refiner_calls) == 3
     denoise(parts, pos, None, latent, seed=1, steps=3, cfg=2.0)  # a batch with the negative: new
     assert len(refiner_calls) == 4
+    with torch.inference_mode():  # as ComfyUI runs nodes: tensors without version counters
+        cond = pos.clone()
+        again, _ = denoise(parts, cond, None, latent, seed=1, steps=3)
+        assert len(refiner_calls) == 5
+        denoise(parts, cond, None, latent, seed=1, steps=3)
+        assert len(refiner_calls) == 5
+        cond[0, 0] -= 1.0
+        denoise(parts, cond, None, latent, seed=1, steps=3)
+        assert len(refiner_calls) == 6
     parts.transformer.release()
     assert parts.transformer.refined.value is None
 

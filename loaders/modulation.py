@@ -33,27 +33,33 @@ _WARPS = 8
 
 if triton is not None:
     @triton.jit
-    def _norm_scale(x_ptr, w_ptr, s_ptr, out_ptr, tokens, s_stride, eps, D: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
+    def _this_row(D: tl.constexpr, BLOCK: tl.constexpr):
+        """(row, its columns, which of them exist) of this program."""
         d = tl.arange(0, BLOCK)
-        m = d < D
-        x = tl.load(x_ptr + row * D + d, mask=m, other=0.0).to(tl.float32)
-        rstd = tl.math.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+        return tl.program_id(0).to(tl.int64), d, d < D
+
+    @triton.jit
+    def _normed_row(y_ptr, w_ptr, at, d, m, eps, D: tl.constexpr, dt: tl.constexpr):
+        """One row RMS-normalised and scaled by the weight, rounded to `dt` as the eager norm
+        returns it, in float32."""
+        y = tl.load(y_ptr + at, mask=m, other=0.0).to(tl.float32)
+        rstd = tl.math.rsqrt(tl.sum(y * y, axis=0) / D + eps)
+        return (y * rstd * tl.load(w_ptr + d, mask=m, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+
+    @triton.jit
+    def _norm_scale(x_ptr, w_ptr, s_ptr, out_ptr, tokens, s_stride, eps, D: tl.constexpr, BLOCK: tl.constexpr):
+        row, d, m = _this_row(D, BLOCK)
         dt = out_ptr.dtype.element_ty
-        y = (x * rstd * tl.load(w_ptr + d, mask=m, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+        y = _normed_row(x_ptr, w_ptr, row * D + d, d, m, eps, D, dt)
         s = tl.load(s_ptr + (row // tokens) * s_stride + d, mask=m, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * D + d, (y * s).to(dt), mask=m)
 
     @triton.jit
     def _gated_residual(x_ptr, g_ptr, y_ptr, w_ptr, out_ptr, tokens, g_stride, eps, D: tl.constexpr,
                         BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        d = tl.arange(0, BLOCK)
-        m = d < D
-        y = tl.load(y_ptr + row * D + d, mask=m, other=0.0).to(tl.float32)
-        rstd = tl.math.rsqrt(tl.sum(y * y, axis=0) / D + eps)
+        row, d, m = _this_row(D, BLOCK)
         dt = out_ptr.dtype.element_ty
-        n = (y * rstd * tl.load(w_ptr + d, mask=m, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+        n = _normed_row(y_ptr, w_ptr, row * D + d, d, m, eps, D, dt)
         g = tl.load(g_ptr + (row // tokens) * g_stride + d, mask=m, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + row * D + d, mask=m, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * D + d, (x + (g * n).to(dt).to(tl.float32)).to(dt), mask=m)

@@ -124,10 +124,11 @@ def _classes():
     class FusedModulationBlock(ZImageTransformerBlock):
         """diffusers' block (0.36-0.42) with its global-modulation path through the fused kernels."""
 
-        def forward(self, x, attn_mask, freqs_cis, adaln_input=None, noise_mask=None, adaln_noisy=None,
-                    adaln_clean=None):
-            if not self.modulation or noise_mask is not None or not fits(x):
-                return super().forward(x, attn_mask, freqs_cis, adaln_input, noise_mask, adaln_noisy, adaln_clean)
+        def forward(self, x, attn_mask, freqs_cis, adaln_input=None, *per_token, **kwargs):
+            # `per_token`: later diffusers' (noise_mask, adaln_noisy, adaln_clean), for its omni
+            # mode's per-token modulation, left to diffusers; 0.36 has none of them
+            if not self.modulation or any(a is not None for a in (*per_token, *kwargs.values())) or not fits(x):
+                return super().forward(x, attn_mask, freqs_cis, adaln_input, *per_token, **kwargs)
             mod = self.adaLN_modulation(adaln_input)
             scale_msa, gate_msa, scale_mlp, gate_mlp = mod.unsqueeze(1).chunk(4, dim=2)
             gate_msa, gate_mlp = gate_msa.tanh(), gate_mlp.tanh()

@@ -301,43 +301,11 @@ def compiled_block():
     print("compiled_block", r, flush=True)
 
 
-def _split_candidate():
-    """A candidate for norm_rope's kernel, for this bench only: each head vector loaded in one
-    contiguous load and split into (even, odd) pairs in registers, where the pack's kernel loads
-    the even and the odd elements separately (stride 2)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def kernel(x_ptr, w_ptr, f_ptr, out_ptr, rows, heads, eps, D: tl.constexpr, R: tl.constexpr):
-        r = tl.program_id(0) * R + tl.arange(0, R)[:, None]
-        d = tl.arange(0, D)[None, :]
-        rm = r < rows
-        at = r.to(tl.int64) * D + d
-        x = tl.load(x_ptr + at, mask=rm, other=0.0).to(tl.float32)
-        rstd = tl.math.rsqrt(tl.sum(x * x, axis=1)[:, None] / D + eps)
-        dt = out_ptr.dtype.element_ty
-        y = (x * rstd * tl.load(w_ptr + d).to(tl.float32)).to(dt).to(tl.float32)
-        y0, y1 = tl.split(tl.reshape(y, (R, D // 2, 2)))
-        f = tl.load(f_ptr + (r // heads).to(tl.int64) * D + d, mask=rm, other=0.0)
-        c, s = tl.split(tl.reshape(f, (R, D // 2, 2)))
-        o = tl.reshape(tl.join(y0 * c - y1 * s, y0 * s + y1 * c), (R, D))
-        tl.store(out_ptr + at, o.to(dt), mask=rm)
-
-    def launch(x, w, freqs, eps, out, rows_per_program=16, warps=4):
-        rows = x.numel() // x.shape[-1]
-        with torch.cuda.device(x.device):
-            kernel[(triton.cdiv(rows, rows_per_program),)](x, w, freqs, out, rows, x.shape[2], eps, D=x.shape[-1],
-                                                           R=rows_per_program, num_warps=warps)
-        return True
-    return launch
-
-
 def norm_rope_kernel():
     """q's RMSNorm and rotation at a step's shape: the eager composition, the same compiled, and the
-    one Triton kernel (norm_rope); GPU ms per call from CUDA-graph replays (no launch overhead), and
-    the kernel's difference from the eager composition, for one image and a batch of two with
-    different angles."""
+    one Triton kernel (norm_rope), and that kernel with other program sizes; GPU ms per call from
+    CUDA-graph replays (no launch overhead), and the kernel's difference from the eager composition,
+    for one image and a batch of two with different angles."""
     from loaders import norm_rope
     from loaders.real_rope import rotate
 
@@ -369,16 +337,15 @@ def norm_rope_kernel():
             for name, fn in (("eager", eager), ("compiled", compiled), ("kernel", kernel)):
                 r[name + "_ms"] = replayed_ms(fn) if CUDA else timed(fn)
             r["kernel_GBps"] = round(2 * x.numel() * x.element_size() / r["kernel_ms"] / 1e6, 1)
-            try:
-                split = _split_candidate()
-                for rows, warps in ((16, 4), (32, 4), (64, 8)):
+            try:  # the same kernel with other program sizes
+                for rows, warps in ((32, 4), (64, 8)):
                     cand = torch.empty_like(x)
-                    split(x, w, real, 1e-5, cand, rows, warps)
-                    r[f"split_{rows}x{warps}"] = {
-                        "ms": replayed_ms(lambda: split(x, w, real, 1e-5, cand, rows, warps)),
+                    norm_rope._launch(x, w, real, 1e-5, cand, rows, warps)
+                    r[f"rows_{rows}x{warps}"] = {
+                        "ms": replayed_ms(lambda: norm_rope._launch(x, w, real, 1e-5, cand, rows, warps)),
                         "max_diff_from_kernel": round((cand.float() - out.float()).abs().max().item(), 5)}
             except Exception as e:  # noqa: BLE001
-                r["split_error"] = repr(e)[:200]
+                r["program_sizes_error"] = repr(e)[:200]
     R["norm_rope"] = r
     print("norm_rope", r, flush=True)
 

@@ -60,9 +60,9 @@ def h2d_rate(registered: bool = False) -> float:
     """Host-to-device bytes/s of a 1 GiB copy from PyTorch's pinned memory, or (registered) from
     page-locked memory as the pack makes it for streamed blocks (cudaHostRegister)."""
     if registered:
-        from loaders.pinned_memory import pinned_buffer
+        from loaders.pinned_memory import _Owner, pinned_buffer
 
-        owner = type("Owner", (), {})()  # the 1 GiB is unregistered and freed with it, at the end
+        owner = _Owner()  # the 1 GiB is unregistered and freed with it, at the end
         x = pinned_buffer(2**30, owner)
         x.fill_(1)
     else:

@@ -53,11 +53,13 @@ def fits(x: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor) -> bool:
             and freqs.shape == (x.shape[0], x.shape[1], x.shape[-1] // 2, 2))
 
 
-def _launch(x: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor, eps: float, out: torch.Tensor) -> bool:
+def _launch(x: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor, eps: float, out: torch.Tensor,
+            rows_per_program: int = _ROWS, warps: int = _WARPS) -> bool:
+    """(bench/kernel_options.py times other `rows_per_program` and `warps`.)"""
     rows = x.numel() // x.shape[-1]
     with torch.cuda.device(x.device):  # Triton launches on the current device (gpu_kernels)
-        _norm_rope[(triton.cdiv(rows, _ROWS),)](x, weight, freqs, out, rows, x.shape[2], eps, D=x.shape[-1],
-                                                R=_ROWS, num_warps=_WARPS)
+        _norm_rope[(triton.cdiv(rows, rows_per_program),)](x, weight, freqs, out, rows, x.shape[2], eps,
+                                                           D=x.shape[-1], R=rows_per_program, num_warps=warps)
     return True
 
 

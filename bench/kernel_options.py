@@ -9,6 +9,7 @@ Without a GPU it runs a smoke test of itself at tiny sizes on the CPU.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -399,6 +400,31 @@ def modulation_kernels():
     print("modulation_kernels", r, flush=True)
 
 
+def silu_gate():
+    """The feed-forward's gate (loaders/silu_gate.py) at a step's shape: PyTorch's SiLU and product
+    against the Triton kernel at a few program sizes (GPU ms from CUDA-graph replays; their bits)."""
+    from loaders import silu_gate as sg
+
+    tokens, hidden = (4128, 10240) if CUDA else (48, 160)
+    torch.manual_seed(0)
+    a = torch.randn(1, tokens, hidden, device=DEV, dtype=DT) * 3
+    b = torch.randn(1, tokens, hidden, device=DEV, dtype=DT)
+    r: dict = {}
+    with torch.no_grad():
+        ref = F.silu(a) * b
+        r["eager_ms"] = replayed_ms(lambda: F.silu(a) * b) if CUDA else timed(lambda: F.silu(a) * b)
+        for block, warps in ((4096, 8), (2048, 4), (8192, 8), (1024, 4)) if CUDA else ((256, 4),):
+            out = sg._run(a, b, block, warps)
+            d = (out.float() - ref.float()).abs()
+            fn = functools.partial(sg._run, a, b, block, warps)
+            ms = replayed_ms(fn) if CUDA else timed(fn)
+            r[f"kernel_{block}x{warps}"] = {"ms": ms, "GBps": round(3 * a.numel() * a.element_size() / ms / 1e6, 1),
+                                            "max_abs_diff": round(d.max().item(), 5),
+                                            "not_bitwise": int((d > 0).sum().item())}
+    R["silu_gate"] = r
+    print("silu_gate", r, flush=True)
+
+
 def replayed_ms(fn, calls: int = 20) -> float:
     """GPU milliseconds per call of `fn`, captured `calls` times in a CUDA graph and replayed."""
     fn()
@@ -411,7 +437,8 @@ def replayed_ms(fn, calls: int = 20) -> float:
 
 
 def main():
-    parts = (gemms, attention, dequantize, vae_decode, compiled_block, norm_rope_kernel, modulation_kernels)
+    parts = (gemms, attention, dequantize, vae_decode, compiled_block, norm_rope_kernel, modulation_kernels,
+             silu_gate)
     wanted = os.environ.get("PARTS", ",".join(p.__name__ for p in parts)).split(",")
     for part in (p for p in parts if p.__name__ in wanted):
         try:

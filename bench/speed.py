@@ -6,12 +6,15 @@ new resolution; VAE decode time and peak at 1024² and 2048²; compiled blocks w
 
     python bench/speed.py            # env: OUT (results folder), WORK (weights), TOKENIZER,
                                      # CONFIGS=label,label (a subset), PROFILE=compiled_bf16,compiled_fp8
-                                     # (kernel tables), PARTS=resolutions,decodes,run_diffusers
+                                     # (kernel tables), PARTS=resolutions,decodes,run_diffusers,
+                                     # PLAIN_KERNELS=silu_gate,norm_rope (eager and compiled
+                                     # bf16 again without those modules' Triton kernels)
 Without a GPU it runs a smoke test of itself on tiny random models (64x64, CPU).
 """
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import math
 import os
@@ -25,13 +28,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from full_size_files import OUT, TOKENIZER, WORK, write  # noqa: E402  (also puts the repo on sys.path)
 
-from loaders.fused_norms import use_plain_norms  # noqa: E402
+from loaders.component_loading import use_diffusers_forwards  # noqa: E402
 from loaders.generation import decode, denoise  # noqa: E402
 from loaders.group_norm import use_plain_group_norms  # noqa: E402
-from loaders.modulation import use_plain_modulation  # noqa: E402
 from loaders.pipeline_loading import load_parts  # noqa: E402
 from loaders.placement import GiB, Matmul, plan_memory  # noqa: E402
-from loaders.real_rope import use_complex_rope  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 STEPS, RES = (9, 1024) if CUDA else (2, 64)
@@ -195,9 +196,7 @@ def run_diffusers(parts, pos):
     gc.collect()
     dev = "cuda" if CUDA else "cpu"
     tr = parts.transformer.component.module.to(dev)
-    use_plain_norms(tr)  # diffusers as it ships, not with the pack's fused norms, modulation and real RoPE
-    use_complex_rope(tr)
-    use_plain_modulation(tr)
+    use_diffusers_forwards(tr)  # diffusers as it ships, not with the pack's kernels and real RoPE
     vae = parts.vae.component.module.to(dev, parts.runtime.dtype)
     use_plain_group_norms(vae)
     pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0), vae=vae,
@@ -263,11 +262,19 @@ def main():
             R["runs"][label] = {"error": repr(e)[:500]}
             print(label, "FAILED", repr(e)[:500], flush=True)
             save()
+    for name in [n for n in os.environ.get("PLAIN_KERNELS", "").split(",") if n]:
+        kernels = importlib.import_module(f"loaders.{name}")
+        kernels.launch.failed = True  # PyTorch's ops (compiled: inductor's) in place of this module's kernels
+        for compiled in (False, True):
+            label = f"{'compiled' if compiled else 'eager'}_sdpa_bf16_plain_{name}"
+            images[label] = run_pack(parts, pos, label, compile_blocks=compiled)
+        kernels.launch.failed = False
     ref = images.get("eager_sdpa_bf16")
     for label, img in images.items():
         if ref is not None and img is not None and label != "eager_sdpa_bf16":
             R["runs"][label]["image_psnr_vs_eager_bf16_dB"] = round(psnr(img, ref), 2)
             R["runs"][label]["image_cosine_vs_eager_bf16"] = round(cosine(img, ref), 6)
+            R["runs"][label]["image_bitwise_equal_eager_bf16"] = bool(torch.equal(img, ref))
     save()
     for label in [c for c in os.environ.get("PROFILE", "").split(",") if c]:
         profile(parts, pos, label)

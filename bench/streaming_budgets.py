@@ -8,13 +8,17 @@ device-wide figure (this process is alone on the GPU) is sampled every 50 ms.
     python bench/streaming_budgets.py            # env: OUT (results folder), WORK (weights folder),
                                                  #      TOKENIZER (Qwen tokenizer folder), QUICK=1,
                                                  #      CONFIGS=label,label (a subset), DIFFUSERS=0,
-                                                 #      PROFILE=label,label (kernel table and trace)
+                                                 #      PROFILE=label,label (kernel table and trace),
+                                                 #      PLAIN_KERNELS=modulation,silu_gate (unlimited
+                                                 #      again without those modules' kernels),
+                                                 #      BUFFERS_AB=1, MOVEBACK_AB=1 (see main)
 Cases: (a) a new seed with the prompt's conditioning cached (the usual ComfyUI case),
        (b) a new prompt each image.
 """
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import math
 import os
@@ -29,13 +33,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from full_size_files import OUT, TOKENIZER, WORK, write  # noqa: E402  (also puts the repo on sys.path)
 from smi_peak import SmiPeak  # noqa: E402
 
-from loaders.fused_norms import use_plain_norms  # noqa: E402
+from loaders.component_loading import use_diffusers_forwards  # noqa: E402
 from loaders.generation import decode, denoise  # noqa: E402
 from loaders.group_norm import use_plain_group_norms  # noqa: E402
-from loaders.modulation import use_plain_modulation  # noqa: E402
 from loaders.pipeline_loading import load_parts  # noqa: E402
 from loaders.placement import GiB, Storage, plan_memory  # noqa: E402
-from loaders.real_rope import use_complex_rope  # noqa: E402
 
 QUICK = os.environ.get("QUICK") == "1"
 STEPS, RES = 9, int(os.environ.get("RES", 1024))
@@ -188,9 +190,7 @@ def run_diffusers(parts, pos, ctx, total):
     torch.cuda.set_per_process_memory_fraction(1.0)
     parts.release()
     tr = parts.transformer.component.module
-    use_plain_norms(tr)  # diffusers as it ships, not with the pack's fused norms, modulation and real RoPE
-    use_complex_rope(tr)
-    use_plain_modulation(tr)
+    use_diffusers_forwards(tr)  # diffusers as it ships, not with the pack's kernels and real RoPE
     vae = parts.vae.component.module.to(torch.bfloat16)
     use_plain_group_norms(vae)
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
@@ -302,12 +302,11 @@ def main():
                 profile(parts, label)
             except Exception as e:  # noqa: BLE001
                 R["runs"][label]["profile_error"] = repr(e)[:500]
-    if os.environ.get("MODULATION_AB") == "1":  # unlimited again with diffusers' own block forward
-        from loaders import modulation  # (no fused norm x scale / gated residual kernels)
-
-        modulation.launch.failed = True
-        rerun(parts, [c for c in configs if c[1] == 0], "_plain_modulation", ctx, total, outputs)
-        modulation.launch.failed = False
+    for name in [n for n in os.environ.get("PLAIN_KERNELS", "").split(",") if n]:
+        kernels = importlib.import_module(f"loaders.{name}")  # unlimited again without this module's
+        kernels.launch.failed = True  # Triton kernels: PyTorch's ops in their place
+        rerun(parts, [c for c in configs if c[1] == 0], f"_plain_{name}", ctx, total, outputs)
+        kernels.launch.failed = False
     if os.environ.get("BUFFERS_AB") == "1":  # streamed rows again with the other pool size (planned for)
         from loaders import placement
 

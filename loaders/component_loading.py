@@ -17,10 +17,11 @@ from torch import nn
 
 from . import key_names, model_detection
 from .errors import ZImageError
-from .fused_norms import use_fused_norms
+from .fused_norms import use_fused_norms, use_plain_norms
 from .group_norm import use_spread_group_norms
-from .modulation import use_fused_modulation
-from .real_rope import use_real_rope
+from .modulation import use_fused_modulation, use_plain_modulation
+from .real_rope import use_complex_rope, use_real_rope
+from .silu_gate import use_fused_gate, use_plain_gate
 from .tile_blend import use_one_pass_blends
 from .weight_source import WeightSource
 
@@ -137,13 +138,27 @@ def load_transformer(path: str, dtype: torch.dtype = torch.bfloat16) -> LoadedCo
         with torch.device("meta"):
             module = ZImageTransformer2DModel(**config)
         _fill(module, src, resolve, dtype, fix)
-        use_fused_norms(module)
-        use_fused_modulation(module)
-        use_real_rope(module)
+        use_pack_forwards(module)
         return LoadedComponent(_finish(module, "transformer"), config, src.where,
                                "original" if original else "diffusers", _source_dtype(src))
     finally:
         src.close()
+
+
+def use_pack_forwards(transformer: nn.Module) -> None:
+    """The transformer's norms, modulation, feed-forward gate and RoPE through the pack's kernels."""
+    use_fused_norms(transformer)
+    use_fused_modulation(transformer)
+    use_fused_gate(transformer)
+    use_real_rope(transformer)
+
+
+def use_diffusers_forwards(transformer: nn.Module) -> None:
+    """Undo use_pack_forwards: diffusers' code as it ships (the benchmarks' diffusers rows)."""
+    use_plain_norms(transformer)
+    use_plain_modulation(transformer)
+    use_plain_gate(transformer)
+    use_complex_rope(transformer)
 
 
 def load_text_encoder(path: str, dtype: torch.dtype = torch.bfloat16) -> LoadedComponent:

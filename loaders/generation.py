@@ -132,7 +132,7 @@ def decode(vae: VAEHandle, latent: torch.Tensor, tiled: bool | None = None) -> t
         tiled = True  # no pinned memory left for the blocks' copies: tiles fit beside them
     with vae.on_device() as m, _tiling(m, tiled):
         w = next(m.parameters())
-        z = latent.to(w.device, w.dtype)
+        z = latent.to(w.device).to(w.dtype)  # cast on the GPU: on the host it took 7 ms (bench/NOTES.md)
         img = m.decode(z, return_dict=False)[0]
         img = (img.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
         img = img if img.device.type == "cpu" else vae.images.copy(img)

@@ -33,17 +33,21 @@ def rotate(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
 
 
 def norm_rotate(x: torch.Tensor, norm: nn.Module, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """`rotate(norm(x), freqs_cis)`: eagerly on a GPU in one kernel (norm_rope) where it fits, else
-    as the two steps. Not under torch.compile: inductor fuses the two itself, and the kernel as a
-    custom op in the graph made a compiled step no faster (H100, bench/NOTES.md session 6)."""
+    """`rotate(norm(x), freqs_cis)`: on a GPU in one kernel (norm_rope) where it fits, else as the
+    two steps. Under torch.compile the kernel is an operator in the graph (`norm_rope.compiled_op`),
+    used once it has launched eagerly here (the context refiner's first call runs eagerly)."""
     weight = getattr(norm, "weight", None)
-    if not torch.compiler.is_compiling() and x.is_cuda and weight is not None \
-            and getattr(norm, "bias", None) is None:
+    if x.is_cuda and weight is not None and getattr(norm, "bias", None) is None:
         freqs = torch.view_as_real(freqs_cis)
         if norm_rope.fits(x, weight, freqs):
-            out = torch.empty_like(x)
-            if norm_rope.launch(x, weight, freqs, float(norm.eps), out):
-                return out
+            if torch.compiler.is_compiling():
+                if norm_rope.compiled_op is not None and norm_rope.launched:
+                    return norm_rope.compiled_op(x, weight, freqs, float(norm.eps))
+            else:
+                out = torch.empty_like(x)
+                if norm_rope.launch(x, weight, freqs, float(norm.eps), out):
+                    norm_rope.launched = True
+                    return out
     return rotate(norm(x), freqs_cis)
 
 

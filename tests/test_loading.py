@@ -196,6 +196,36 @@ def test_q_and_k_norm_and_rotation_fall_back_to_the_two_steps_off_the_gpu(pack):
     assert not norm_rope.fits(x.transpose(1, 2), norm.weight, real)  # not [batch, tokens, heads, dim]
 
 
+def test_feed_forward_gate_goes_through_the_fused_kernel_and_back_to_diffusers_code(tiny, pack, monkeypatch):
+    """Loaded feed-forwards call silu_gate.silu_mul (one Triton pass on GPUs: bench/kernel_options.py
+    PARTS=silu_gate compares its bits with PyTorch's there); off the GPU, or once the launch failed,
+    PyTorch's SiLU and product, same bits. use_diffusers_forwards gives back diffusers' classes."""
+    from diffusers.models.transformers.transformer_z_image import FeedForward, ZImageTransformerBlock
+
+    from zimage_nodes.loaders import silu_gate
+    from zimage_nodes.loaders.component_loading import load_transformer, use_diffusers_forwards
+
+    t = load_transformer(tiny["transformer"], torch.bfloat16).module
+    ffs = [m for m in t.modules() if isinstance(m, FeedForward)]
+    assert ffs and all(type(f).__name__ == "FusedGateFeedForward" for f in ffs)
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, t.dim, dtype=torch.bfloat16)
+    with torch.no_grad():
+        theirs = FeedForward.forward(ffs[0], x)
+        assert torch.equal(ffs[0](x), theirs)  # a CPU tensor: PyTorch's ops
+        assert not silu_gate.fits(x, x.clone())
+        calls = []
+        monkeypatch.setattr(silu_gate, "fits", lambda a, b: True)
+        monkeypatch.setattr(silu_gate, "launch", lambda a, b: calls.append(a.shape))  # "failed"
+        assert torch.equal(ffs[0](x), theirs)
+    assert len(calls) == 1 and calls[0][-1] == ffs[0].w1.out_features
+    use_diffusers_forwards(t)
+    assert all(type(f) is FeedForward for f in ffs)
+    assert all(type(b) is ZImageTransformerBlock for b in t.modules() if isinstance(b, ZImageTransformerBlock))
+    procs = [m.processor for m in t.modules() if getattr(m, "processor", None) is not None]
+    assert procs and all(type(p).__name__ == "ZSingleStreamAttnProcessor" for p in procs)
+
+
 def test_loading_the_same_files_again_reuses_their_mapped_components(tiny, pack):
     import os
 

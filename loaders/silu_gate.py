@@ -1,0 +1,101 @@
+"""The feed-forward's gate, `silu(w1 x) * w3 x`, in one GPU pass, eagerly.
+
+Eagerly PyTorch runs it as two kernels over [tokens, 10240] activations: the SiLU writes its
+result and the product reads it back, 0.43 GB moved at a 1024x1024 step where one pass moves
+0.26 (an H100 profile: 4.8 ms a step for the two). Here one Triton program per chunk reads both
+inputs once and writes the product, with the eager ops' arithmetic and roundings: SiLU in float32
+with CUDA's own `expf` and IEEE division, rounded to the activations' dtype, then the product in
+float32, rounded again. On a GPU it gives eager's bits.
+
+`use_fused_gate` gives Z-Image's feed-forward modules a forward that calls it on GPUs, eagerly;
+under torch.compile (which fuses the two itself), on a CPU, without Triton, or once a launch
+failed, the two PyTorch ops run.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .class_swap import swap_class
+from .gpu_kernels import Guarded
+
+try:  # Triton ships with PyTorch's CUDA wheels on Linux; not on CPU builds, often not on Windows
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+_BLOCK, _WARPS = 4096, 8
+_CUDA_EXP = os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+if triton is not None:
+    @triton.jit
+    def _silu_mul(a_ptr, b_ptr, out_ptr, n, BLOCK: tl.constexpr, CUDA_EXP: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = i < n
+        dt = out_ptr.dtype.element_ty
+        a = tl.load(a_ptr + i, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + i, mask=m, other=0.0).to(tl.float32)
+        if CUDA_EXP:  # CUDA's expf, as PyTorch's SiLU calls it (tl.exp is a faster approximation)
+            e = libdevice.exp(-a)
+        else:  # Triton's interpreter (tests on CPUs) has no libdevice
+            e = tl.exp(-a)
+        s = tl.math.div_rn(a, 1.0 + e).to(dt).to(tl.float32)  # F.silu's result
+        tl.store(out_ptr + i, (s * b).to(dt), mask=m)
+
+
+def fits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the kernel takes these: same shape and dtype, contiguous, on one GPU, eagerly."""
+    return (triton is not None and not launch.failed and a.is_cuda and not torch.compiler.is_compiling()
+            and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+            and a.is_contiguous() and b.is_contiguous())
+
+
+def _run(a: torch.Tensor, b: torch.Tensor, block: int = _BLOCK, warps: int = _WARPS) -> torch.Tensor:
+    """(bench/kernel_options.py times other `block` and `warps`.)"""
+    out = torch.empty_like(a)
+    n = a.numel()
+    with torch.cuda.device(a.device):  # Triton launches on the current device (gpu_kernels)
+        _silu_mul[(triton.cdiv(n, block),)](a, b, out, n, BLOCK=block, num_warps=warps, CUDA_EXP=_CUDA_EXP)
+    return out
+
+
+launch = Guarded(_run)
+
+
+def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`F.silu(a) * b`."""
+    if fits(a, b):
+        out = launch(a, b)
+        if out is not None:
+            return out
+    return F.silu(a) * b
+
+
+@functools.cache
+def _classes():
+    from diffusers.models.transformers.transformer_z_image import FeedForward
+
+    class FusedGateFeedForward(FeedForward):
+        """diffusers' Z-Image feed-forward (0.36-0.42) with its gate through `silu_mul`."""
+
+        def forward(self, x):
+            return self.w2(silu_mul(self.w1(x), self.w3(x)))
+
+    return FeedForward, FusedGateFeedForward
+
+
+def use_fused_gate(module: nn.Module) -> int:
+    """Give every Z-Image feed-forward inside `module` the fused gate. Returns how many."""
+    return swap_class(module.modules(), *_classes())
+
+
+def use_plain_gate(module: nn.Module) -> None:
+    """Undo use_fused_gate (benchmarks run diffusers' own pipeline on the pack's loaded modules)."""
+    base, fused = _classes()
+    swap_class(module.modules(), fused, base)

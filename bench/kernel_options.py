@@ -182,8 +182,9 @@ def vae_decode():
     """The Flux VAE's decode at 1024x1024 in bf16 (weights already on the GPU): untiled, on 512-pixel
     tiles overlapping by 128 (the pack until session 5) and on the pack's tiles (DECODE_TILE,
     DECODE_BLEND), with PyTorch's GroupNorm and with loaders.group_norm's; time, peak memory and
-    PSNR against untiled with PyTorch's. Also one 1024x1024x128 GroupNorm alone. Session 5's first run also timed
-    channels_last layouts: slower (bench/NOTES.md)."""
+    PSNR against untiled with PyTorch's. Also one 1024x1024x128 GroupNorm alone, in both layouts.
+    Session 5 timed channels-last decodes with PyTorch's GroupNorm: slower (bench/NOTES.md); the
+    `_channels_last` rows have the pack's GroupNorm for that layout."""
     from diffusers import AutoencoderKL
 
     from loaders.group_norm import use_spread_group_norms
@@ -199,12 +200,17 @@ def vae_decode():
     with torch.no_grad():
         cases = (("untiled", 0, 0), ("tiles_512", 512, 128), ("tiles_pack", DECODE_TILE, DECODE_BLEND),
                  ("untiled_spread_gn", 0, 0), ("tiles_pack_spread_gn", DECODE_TILE, DECODE_BLEND),
-                 ("tiles_pack_spread_gn_one_pass_blends", DECODE_TILE, DECODE_BLEND))
+                 ("tiles_pack_spread_gn_one_pass_blends", DECODE_TILE, DECODE_BLEND),
+                 ("untiled_spread_gn_channels_last", 0, 0),
+                 ("tiles_pack_spread_gn_one_pass_blends_channels_last", DECODE_TILE, DECODE_BLEND))
+        z_plain = z
         for label, tile, blend in cases:
             if label.endswith("spread_gn"):
                 use_spread_group_norms(vae)
             if label.endswith("one_pass_blends"):
                 use_one_pass_blends(vae)
+            # the latent channels-last (the pack's decode since session 8): the layout carries through
+            z = z_plain.contiguous(memory_format=torch.channels_last) if label.endswith("channels_last") else z_plain
             if not CUDA and tile:
                 tile, blend = tile // 8, blend // 8  # a smoke test: small tiles on a small image
             vae.use_tiling = tile > 0
@@ -226,10 +232,12 @@ def vae_decode():
         x = torch.randn(1, 128, side, side, device=DEV, dtype=DT) * 2 + 0.5
         w, b = torch.randn(128, device=DEV, dtype=DT), torch.randn(128, device=DEV, dtype=DT)
         exact = F.group_norm(x.double(), 32, w.double(), b.double(), 1e-6)
-        for label, fn in (("pytorch", F.group_norm), ("spread", group_norm)):
-            r[f"group_norm_{label}"] = {"ms": timed(lambda: fn(x, 32, w, b, 1e-6)),
-                                        "max_abs_err": (fn(x, 32, w, b, 1e-6).double() - exact).abs().max().item()}
-        print("group_norm", r["group_norm_pytorch"], r["group_norm_spread"], flush=True)
+        xl = x.contiguous(memory_format=torch.channels_last)
+        for label, fn, t in (("pytorch", F.group_norm, x), ("spread", group_norm, x),
+                             ("pytorch_channels_last", F.group_norm, xl), ("spread_channels_last", group_norm, xl)):
+            r[f"group_norm_{label}"] = {"ms": timed(lambda: fn(t, 32, w, b, 1e-6)),
+                                        "max_abs_err": (fn(t, 32, w, b, 1e-6).double() - exact).abs().max().item()}
+            print("group_norm", label, r[f"group_norm_{label}"], flush=True)
     R["vae_decode"] = r
 
 

@@ -8,8 +8,12 @@ many programs (partial sums of x and x^2 in float32, added up by PyTorch), and t
 is one pass with a float32 scale and shift per channel: the same math, rounded once to the
 activation dtype.
 
-Without Triton, on a CPU, or for tensors the kernels do not take (not contiguous), the module
-runs PyTorch's GroupNorm.
+Channels-last activations (a decode runs in that layout: cuDNN's convolutions then need no
+layout conversions around them) have their own two kernels, reading [pixels, channels] tiles:
+each group's channels are neighbours in memory there.
+
+Without Triton, on a CPU, or for tensors the kernels do not take (neither layout contiguous, or
+channel counts that are not powers of two), the module runs PyTorch's GroupNorm.
 """
 from __future__ import annotations
 
@@ -57,19 +61,77 @@ if triton is not None:
         tl.store(y_ptr + base + idx, (v * s + t).to(y_ptr.dtype.element_ty), mask=m)
 
 
+    @triton.jit
+    def _partial_moments_nhwc(x_ptr, out_ptr, pixels, chunks, C: tl.constexpr, G: tl.constexpr,
+                              STEP: tl.constexpr, ROWS: tl.constexpr):
+        image, chunk = tl.program_id(0), tl.program_id(1)
+        base = x_ptr + image.to(tl.int64) * pixels * C
+        c = tl.arange(0, C)[None, :]
+        acc = tl.zeros([STEP, C], tl.float32)
+        acc2 = tl.zeros([STEP, C], tl.float32)
+        for k in range(0, ROWS // STEP):
+            p = chunk * ROWS + k * STEP + tl.arange(0, STEP)[:, None]
+            v = tl.load(base + p.to(tl.int64) * C + c, mask=p < pixels, other=0.0).to(tl.float32)
+            acc += v
+            acc2 += v * v
+        g = tl.arange(0, G)
+        out = out_ptr + (image * chunks + chunk) * G * 2 + g * 2
+        tl.store(out, tl.sum(tl.reshape(tl.sum(acc, axis=0), (G, C // G)), axis=1))
+        tl.store(out + 1, tl.sum(tl.reshape(tl.sum(acc2, axis=0), (G, C // G)), axis=1))
+
+    @triton.jit
+    def _scale_shift_nhwc(x_ptr, y_ptr, scale_ptr, shift_ptr, pixels, C: tl.constexpr, STEP: tl.constexpr):
+        image, blk = tl.program_id(0), tl.program_id(1)
+        p = blk * STEP + tl.arange(0, STEP)[:, None]
+        c = tl.arange(0, C)[None, :]
+        s = tl.load(scale_ptr + image * C + c)
+        t = tl.load(shift_ptr + image * C + c)
+        at = image.to(tl.int64) * pixels * C + p.to(tl.int64) * C + c
+        m = p < pixels
+        v = tl.load(x_ptr + at, mask=m, other=0.0).to(tl.float32)
+        tl.store(y_ptr + at, (v * s + t).to(y_ptr.dtype.element_ty), mask=m)
+
+
+def channels_last(x: torch.Tensor) -> bool:
+    """Whether `x` [B, C, ...] is laid out [B, ..., C] in memory (and not plain contiguous too): a
+    channels-last image, or the VAE attention's [B, C, pixels] view of one."""
+    return x.ndim >= 3 and x.stride(1) == 1 and x.movedim(1, -1).is_contiguous() and not x.is_contiguous()
+
+
+def _nhwc_rows(c: int) -> tuple[int, int]:
+    """(pixels per load, pixels per statistics program) for `c` channels: 2048-element loads,
+    32768 elements a program, as the contiguous kernels take them."""
+    step = max(1, _BLOCK // c)
+    return step, step * max(1, _SPLIT // _BLOCK)
+
+
 def moments(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 mean and biased variance of each (image, group) of contiguous `x` [B, C, ...]: [B, groups]."""
-    b = x.shape[0]
-    rows = x.view(b * groups, -1)
-    length = rows.shape[1]
-    if x.device.type == "cuda" and triton is not None:
+    """float32 mean and biased variance of each (image, group) of `x` [B, C, ...], contiguous or
+    channels-last: [B, groups]."""
+    b, c = x.shape[:2]
+    on_gpu = x.device.type == "cuda" and triton is not None
+    if on_gpu and channels_last(x):
+        pixels = x[0, 0].numel()
+        step, rows = _nhwc_rows(c)
+        chunks = triton.cdiv(pixels, rows)
+        partial = torch.empty(b, chunks, groups, 2, dtype=torch.float32, device=x.device)
+        with torch.cuda.device(x.device):  # Triton launches on the current device (gpu_kernels)
+            _partial_moments_nhwc[(b, chunks)](x, partial, pixels, chunks, C=c, G=groups, STEP=step, ROWS=rows,
+                                               num_warps=8)
+        s, s2 = partial.sum(1).reshape(b * groups, 2).unbind(-1)
+        length = pixels * (c // groups)
+    elif on_gpu:
+        rows = x.view(b * groups, -1)
+        length = rows.shape[1]
         splits = triton.cdiv(length, _SPLIT)
         partial = torch.empty(b * groups, splits, 2, dtype=torch.float32, device=x.device)
-        with torch.cuda.device(x.device):  # Triton launches on the current device (gpu_kernels)
+        with torch.cuda.device(x.device):
             _partial_moments[(b * groups, splits)](rows, partial, length, splits, SPLIT=_SPLIT, BLOCK=_BLOCK,
                                                    num_warps=8)
         s, s2 = partial.sum(1).unbind(-1)
     else:
+        rows = x.reshape(b * groups, -1)
+        length = rows.shape[1]
         s = rows.sum(1, dtype=torch.float32)
         s2 = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).square()
     mean = s / length
@@ -82,11 +144,16 @@ def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> to
     in float32 and rounded once to x's dtype."""
     b, c = x.shape[:2]
     if x.device.type == "cuda" and triton is not None:
-        y = torch.empty_like(x)
+        y = torch.empty_like(x)  # in x's layout
         plane = x[0, 0].numel()
         with torch.cuda.device(x.device):
-            _scale_shift[(b * c, triton.cdiv(plane, _BLOCK))](x, y, scale.contiguous(), shift.contiguous(), plane,
-                                                              BLOCK=_BLOCK, num_warps=8)
+            if channels_last(x):
+                step = _nhwc_rows(c)[0]
+                _scale_shift_nhwc[(b, triton.cdiv(plane, step))](x, y, scale.contiguous(), shift.contiguous(), plane,
+                                                                 C=c, STEP=step, num_warps=8)
+            else:
+                _scale_shift[(b * c, triton.cdiv(plane, _BLOCK))](x, y, scale.contiguous(), shift.contiguous(),
+                                                                  plane, BLOCK=_BLOCK, num_warps=8)
         return y
     shape = (b, c) + (1,) * (x.ndim - 2)
     return (x.float() * scale.view(shape) + shift.view(shape)).to(x.dtype)
@@ -94,7 +161,7 @@ def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> to
 
 def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                eps: float) -> torch.Tensor:
-    """F.group_norm's result for contiguous `x` [B, C, ...]."""
+    """F.group_norm's result for `x` [B, C, ...], contiguous or channels-last (see `fits`)."""
     b, c = x.shape[:2]
     mean, var = moments(x, groups)
     rstd = torch.rsqrt(var + eps).repeat_interleave(c // groups, dim=1)  # [B, C]
@@ -108,11 +175,22 @@ def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: 
 _on_gpu = Guarded(group_norm)  # PyTorch's GroupNorm once the kernels failed to build here
 
 
+def fits(x: torch.Tensor, groups: int) -> bool:
+    """Whether the kernels take `x`: on a GPU with Triton, contiguous [B, C, ...], or channels-last
+    with power-of-two channel and group counts."""
+    if x.device.type != "cuda" or triton is None or x.ndim < 3:
+        return False
+    if channels_last(x):
+        c = x.shape[1]
+        return c % groups == 0 and c & (c - 1) == 0 and groups & (groups - 1) == 0 and c <= _BLOCK
+    return x.is_contiguous()
+
+
 class SpreadGroupNorm(nn.GroupNorm):
-    """nn.GroupNorm computed by `group_norm` for contiguous CUDA tensors when Triton is there."""
+    """nn.GroupNorm computed by `group_norm` for CUDA tensors the kernels take (`fits`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cuda" and triton is not None and x.is_contiguous() and x.ndim >= 3:
+        if fits(x, self.num_groups):
             y = _on_gpu(x, self.num_groups, self.weight, self.bias, self.eps)
             if y is not None:
                 return y

@@ -23,6 +23,23 @@ def test_group_norm_math_matches_pytorch(pack, dtype, tol):
     assert (ours.double() - ref).abs().mean() <= (native.double() - ref).abs().mean() * 1.5
 
 
+def test_channels_last_activations_take_their_own_kernels_with_the_same_math(pack):
+    """A decode runs channels-last on GPUs: the layout test picks the [pixels, channels] kernels for
+    images and for the VAE attention's [B, C, pixels] view of one; on a CPU the same math runs in
+    that layout and keeps it."""
+    from zimage_nodes.loaders import group_norm as gn
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 64, 12, 10, generator=g) * 3 + 1.5).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(64, generator=g), torch.randn(64, generator=g)
+    assert gn.channels_last(x) and gn.channels_last(x.view(2, 64, 120)) and not gn.channels_last(x.contiguous())
+    assert not gn.channels_last(x.contiguous().transpose(2, 3))  # strided, but not channels-innermost
+    assert not gn.fits(x, 32)  # a CPU tensor: PyTorch's GroupNorm in the module
+    ours = gn.group_norm(x, 32, w, b, 1e-6)
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    assert (ours - F.group_norm(x, 32, w, b, 1e-6)).abs().max() < 1e-5
+
+
 def test_the_vae_loads_with_spread_group_norms_and_a_benchmark_can_undo_them(tiny, pack):
     from torch import nn
 

@@ -64,7 +64,7 @@ if triton is not None:
     @triton.jit
     def _partial_moments_nhwc(x_ptr, out_ptr, pixels, chunks, C: tl.constexpr, G: tl.constexpr,
                               STEP: tl.constexpr, ROWS: tl.constexpr):
-        image, chunk = tl.program_id(0), tl.program_id(1)
+        chunk, image = tl.program_id(0), tl.program_id(1)  # chunks on axis 0: up to 2^31 of them
         base = x_ptr + image.to(tl.int64) * pixels * C
         c = tl.arange(0, C)[None, :]
         acc = tl.zeros([STEP, C], tl.float32)
@@ -81,7 +81,7 @@ if triton is not None:
 
     @triton.jit
     def _scale_shift_nhwc(x_ptr, y_ptr, scale_ptr, shift_ptr, pixels, C: tl.constexpr, STEP: tl.constexpr):
-        image, blk = tl.program_id(0), tl.program_id(1)
+        blk, image = tl.program_id(0), tl.program_id(1)  # blocks on axis 0 (65535 at most on axis 1)
         p = blk * STEP + tl.arange(0, STEP)[:, None]
         c = tl.arange(0, C)[None, :]
         s = tl.load(scale_ptr + image * C + c)
@@ -116,7 +116,7 @@ def moments(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
         chunks = triton.cdiv(pixels, rows)
         partial = torch.empty(b, chunks, groups, 2, dtype=torch.float32, device=x.device)
         with torch.cuda.device(x.device):  # Triton launches on the current device (gpu_kernels)
-            _partial_moments_nhwc[(b, chunks)](x, partial, pixels, chunks, C=c, G=groups, STEP=step, ROWS=rows,
+            _partial_moments_nhwc[(chunks, b)](x, partial, pixels, chunks, C=c, G=groups, STEP=step, ROWS=rows,
                                                num_warps=8)
         s, s2 = partial.sum(1).reshape(b * groups, 2).unbind(-1)
         length = pixels * (c // groups)
@@ -149,7 +149,7 @@ def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> to
         with torch.cuda.device(x.device):
             if channels_last(x):
                 step = _nhwc_rows(c)[0]
-                _scale_shift_nhwc[(b, triton.cdiv(plane, step))](x, y, scale.contiguous(), shift.contiguous(), plane,
+                _scale_shift_nhwc[(triton.cdiv(plane, step), b)](x, y, scale.contiguous(), shift.contiguous(), plane,
                                                                  C=c, STEP=step, num_warps=8)
             else:
                 _scale_shift[(b * c, triton.cdiv(plane, _BLOCK))](x, y, scale.contiguous(), shift.contiguous(),

@@ -436,7 +436,9 @@ class VAEHandle:
         self.images = HostStage()  # the decoded images' way to the CPU, kept with the VAE
 
     @contextmanager
-    def on_device(self) -> Iterator[nn.Module]:
+    def on_device(self, keep_memory: bool = False) -> Iterator[nn.Module]:
+        """The VAE on its device for the `with` block; its weights and work memory are freed after,
+        and handed back to the driver unless `keep_memory` (MemoryPlan.keeps_decode_memory)."""
         device = torch.device(self.runtime.plan.vae_device)
         if device == torch.device("cpu"):
             yield self.component.module
@@ -459,7 +461,8 @@ class VAEHandle:
         finally:
             slots.bind(empty)
             del stage
-            free_device_cache(device)
+            if not keep_memory:
+                free_device_cache(device)
 
     def release(self) -> None:
         self._shell = None

@@ -378,11 +378,17 @@ def modulation_kernels():
     y = torch.randn(1, tokens, dim, device=DEV, dtype=DT) * 4
     scale = (1 + 0.3 * torch.randn(1, 1, dim, device=DEV)).to(DT)
     gate = torch.tanh(torch.randn(1, 1, dim, device=DEV)).to(DT)
+    raw = (0.5 * torch.randn(1, 1, dim, device=DEV)).to(DT)
     r: dict = {}
     with torch.no_grad():
         for name, eager, fused in (
                 ("norm_scale", lambda: norm(x) * scale, lambda: modulation.norm_scale(x, norm, scale)),
-                ("gated_residual", lambda: x + gate * norm(y), lambda: modulation.gated_residual(x, gate, y, norm))):
+                ("gated_residual", lambda: x + gate * norm(y), lambda: modulation.gated_residual(x, gate, y, norm)),
+                # the modulation's raw output in: the kernels take 1 + s and the tanh themselves
+                ("norm_scale_raw", lambda: norm(x) * (1.0 + raw),
+                 lambda: modulation.norm_scale(x, norm, raw, raw=True)),
+                ("gated_residual_raw", lambda: x + raw.tanh() * norm(y),
+                 lambda: modulation.gated_residual(x, raw, y, norm, raw=True))):
             ref, out = eager(), fused()
             d = (out.float() - ref.float()).abs()
             r[name] = {"eager_ms": replayed_ms(eager) if CUDA else timed(eager),

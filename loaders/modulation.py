@@ -16,6 +16,7 @@ blocks run diffusers' own forward.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch import nn
@@ -26,10 +27,12 @@ from .gpu_kernels import Guarded
 try:  # Triton ships with PyTorch's CUDA wheels on Linux; not on CPU builds, often not on Windows
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 _WARPS = 8
+_CUDA_MATH = os.environ.get("TRITON_INTERPRET", "0") in ("", "0")  # libdevice (not in Triton's interpreter)
 
 if triton is not None:
     @triton.jit
@@ -47,20 +50,29 @@ if triton is not None:
         return (y * rstd * tl.load(w_ptr + d, mask=m, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
 
     @triton.jit
-    def _norm_scale(x_ptr, w_ptr, s_ptr, out_ptr, tokens, s_stride, eps, D: tl.constexpr, BLOCK: tl.constexpr):
+    def _norm_scale(x_ptr, w_ptr, s_ptr, out_ptr, tokens, s_stride, eps, D: tl.constexpr, BLOCK: tl.constexpr,
+                    RAW: tl.constexpr, CUDA_MATH: tl.constexpr):
         row, d, m = _this_row(D, BLOCK)
         dt = out_ptr.dtype.element_ty
         y = _normed_row(x_ptr, w_ptr, row * D + d, d, m, eps, D, dt)
         s = tl.load(s_ptr + (row // tokens) * s_stride + d, mask=m, other=0.0).to(tl.float32)
+        if RAW:  # the modulation's raw output: 1 + s, rounded as the eager add rounds it
+            s = (1.0 + s).to(dt).to(tl.float32)
         tl.store(out_ptr + row * D + d, (y * s).to(dt), mask=m)
 
     @triton.jit
     def _gated_residual(x_ptr, g_ptr, y_ptr, w_ptr, out_ptr, tokens, g_stride, eps, D: tl.constexpr,
-                        BLOCK: tl.constexpr):
+                        BLOCK: tl.constexpr, RAW: tl.constexpr, CUDA_MATH: tl.constexpr):
         row, d, m = _this_row(D, BLOCK)
         dt = out_ptr.dtype.element_ty
         n = _normed_row(y_ptr, w_ptr, row * D + d, d, m, eps, D, dt)
         g = tl.load(g_ptr + (row // tokens) * g_stride + d, mask=m, other=0.0).to(tl.float32)
+        if RAW:  # the modulation's raw output: its tanh, with CUDA's tanhf as PyTorch's tanh calls it
+            if CUDA_MATH:
+                g = libdevice.tanh(g)
+            else:  # Triton's interpreter (tests on CPUs)
+                g = 2.0 / (1.0 + tl.exp(-2.0 * g)) - 1.0
+            g = g.to(dt).to(tl.float32)
         x = tl.load(x_ptr + row * D + d, mask=m, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * D + d, (x + (g * n).to(dt).to(tl.float32)).to(dt), mask=m)
 
@@ -84,37 +96,42 @@ def _norm_weight(norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return w
 
 
-def _run(kernel_name: str, x: torch.Tensor, args: tuple, vec: torch.Tensor, eps: float) -> torch.Tensor:
+def _run(kernel_name: str, x: torch.Tensor, args: tuple, vec: torch.Tensor, eps: float,
+         raw: bool = False) -> torch.Tensor:
     out = torch.empty_like(x)
     tokens, dim = x.shape[1], x.shape[2]
     with torch.cuda.device(x.device):  # Triton launches on the current device (gpu_kernels)
         kernel = _norm_scale if kernel_name == "norm_scale" else _gated_residual
         kernel[(x.shape[0] * tokens,)](*args, out, tokens, vec.stride(0), eps, D=dim,
-                                       BLOCK=triton.next_power_of_2(dim), num_warps=_WARPS)
+                                       BLOCK=triton.next_power_of_2(dim), RAW=raw, CUDA_MATH=_CUDA_MATH,
+                                       num_warps=_WARPS)
     return out
 
 
 launch = Guarded(_run)
 
 
-def norm_scale(x: torch.Tensor, norm: nn.Module, scale: torch.Tensor) -> torch.Tensor:
-    """`norm(x) * scale` (an RMSNorm with a weight; scale [batch, 1, dim])."""
+def norm_scale(x: torch.Tensor, norm: nn.Module, scale: torch.Tensor, raw: bool = False) -> torch.Tensor:
+    """`norm(x) * scale` (an RMSNorm with a weight; scale [batch, 1, dim]); with `raw`, `scale` is
+    the modulation's output and the factor `1 + scale` (added in the kernel: one launch less)."""
     w = _norm_weight(norm, x)
     if w is not None and fits(x, scale):
-        out = launch("norm_scale", x, (x, w, scale), scale, float(norm.eps))
+        out = launch("norm_scale", x, (x, w, scale), scale, float(norm.eps), raw)
         if out is not None:
             return out
-    return norm(x) * scale
+    return norm(x) * ((1.0 + scale) if raw else scale)
 
 
-def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """`x + gate * norm(y)` (gate [batch, 1, dim])."""
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, norm: nn.Module,
+                   raw: bool = False) -> torch.Tensor:
+    """`x + gate * norm(y)` (gate [batch, 1, dim]); with `raw`, `gate` is the modulation's output
+    and the gate its tanh (taken in the kernel)."""
     w = _norm_weight(norm, y)
     if w is not None and y.shape == x.shape and y.is_contiguous() and y.dtype == x.dtype and fits(x, gate):
-        out = launch("gated_residual", x, (x, gate, y, w), gate, float(norm.eps))
+        out = launch("gated_residual", x, (x, gate, y, w), gate, float(norm.eps), raw)
         if out is not None:
             return out
-    return x + gate * norm(y)
+    return x + (gate.tanh() if raw else gate) * norm(y)
 
 
 @functools.cache
@@ -129,15 +146,15 @@ def _classes():
             # mode's per-token modulation, left to diffusers; 0.36 has none of them
             if not self.modulation or any(a is not None for a in (*per_token, *kwargs.values())) or not fits(x):
                 return super().forward(x, attn_mask, freqs_cis, adaln_input, *per_token, **kwargs)
+            # the raw modulation goes to the kernels, which take its tanh and 1 + s themselves:
+            # four small launches less a block
             mod = self.adaLN_modulation(adaln_input)
             scale_msa, gate_msa, scale_mlp, gate_mlp = mod.unsqueeze(1).chunk(4, dim=2)
-            gate_msa, gate_mlp = gate_msa.tanh(), gate_mlp.tanh()
-            scale_msa, scale_mlp = 1.0 + scale_msa, 1.0 + scale_mlp
-            attn_out = self.attention(norm_scale(x, self.attention_norm1, scale_msa), attention_mask=attn_mask,
-                                      freqs_cis=freqs_cis)
-            x = gated_residual(x, gate_msa, attn_out, self.attention_norm2)
-            return gated_residual(x, gate_mlp, self.feed_forward(norm_scale(x, self.ffn_norm1, scale_mlp)),
-                                  self.ffn_norm2)
+            attn_out = self.attention(norm_scale(x, self.attention_norm1, scale_msa, raw=True),
+                                      attention_mask=attn_mask, freqs_cis=freqs_cis)
+            x = gated_residual(x, gate_msa, attn_out, self.attention_norm2, raw=True)
+            return gated_residual(x, gate_mlp, self.feed_forward(norm_scale(x, self.ffn_norm1, scale_mlp, raw=True)),
+                                  self.ffn_norm2, raw=True)
 
     return ZImageTransformerBlock, FusedModulationBlock
 

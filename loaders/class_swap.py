@@ -5,7 +5,7 @@ device copies) keep the new class, where wrapping or patching would have to be r
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 
 def swap_class(objects: Iterable[object], old: type, new: type) -> int:
@@ -16,3 +16,22 @@ def swap_class(objects: Iterable[object], old: type, new: type) -> int:
             o.__class__ = new
             n += 1
     return n
+
+
+class ClassSwap:
+    """One such swap, both ways: `apply(module)` gives the objects of diffusers' class inside
+    `module` the pack's class, `undo(module)` gives them back (the benchmarks run diffusers' own
+    code on the pack's loaded modules). `classes` returns (diffusers' class, the pack's) and is
+    called at each use, so diffusers is imported only then; `objects` picks a module's objects."""
+
+    def __init__(self, classes: Callable[[], tuple[type, type]],
+                 objects: Callable[[object], Iterable[object]] = lambda module: module.modules()):
+        self._classes, self._objects = classes, objects
+
+    def apply(self, module) -> int:
+        """How many objects changed class."""
+        return swap_class(self._objects(module), *self._classes())
+
+    def undo(self, module) -> int:
+        base, new = self._classes()
+        return swap_class(self._objects(module), new, base)

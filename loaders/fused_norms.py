@@ -10,9 +10,8 @@ from __future__ import annotations
 import functools
 
 import torch.nn.functional as F
-from torch import nn
 
-from .class_swap import swap_class
+from .class_swap import ClassSwap
 
 
 @functools.cache
@@ -29,12 +28,6 @@ def _rms_norm_class():
     return RMSNorm, FusedRMSNorm
 
 
-def use_fused_norms(module: nn.Module) -> int:
-    """Switch every diffusers RMSNorm inside `module` to the fused one. Returns how many."""
-    return swap_class(module.modules(), *_rms_norm_class())
-
-
-def use_plain_norms(module: nn.Module) -> None:
-    """Undo use_fused_norms (benchmarks run diffusers' own pipeline on the pack's loaded modules)."""
-    base, fused = _rms_norm_class()
-    swap_class(module.modules(), fused, base)
+_SWAP = ClassSwap(_rms_norm_class)
+use_fused_norms = _SWAP.apply  # every diffusers RMSNorm inside a module to the fused one
+use_plain_norms = _SWAP.undo

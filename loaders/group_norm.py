@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .class_swap import swap_class
+from .class_swap import ClassSwap
 from .gpu_kernels import Guarded
 
 try:
@@ -197,11 +197,6 @@ class SpreadGroupNorm(nn.GroupNorm):
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
-def use_spread_group_norms(module: nn.Module) -> int:
-    """Switch every nn.GroupNorm inside `module` to SpreadGroupNorm. Returns how many."""
-    return swap_class(module.modules(), nn.GroupNorm, SpreadGroupNorm)
-
-
-def use_plain_group_norms(module: nn.Module) -> None:
-    """Undo use_spread_group_norms (benchmarks run diffusers' own pipeline on the pack's modules)."""
-    swap_class(module.modules(), SpreadGroupNorm, nn.GroupNorm)
+_SWAP = ClassSwap(lambda: (nn.GroupNorm, SpreadGroupNorm))
+use_spread_group_norms = _SWAP.apply  # every nn.GroupNorm inside a module to SpreadGroupNorm
+use_plain_group_norms = _SWAP.undo

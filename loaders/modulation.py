@@ -20,7 +20,7 @@ import functools
 import torch
 from torch import nn
 
-from .class_swap import swap_class
+from .class_swap import ClassSwap
 from .gpu_kernels import Guarded
 
 try:  # Triton ships with PyTorch's CUDA wheels on Linux; not on CPU builds, often not on Windows
@@ -150,12 +150,6 @@ def _classes():
     return ZImageTransformerBlock, FusedModulationBlock
 
 
-def use_fused_modulation(module: nn.Module) -> int:
-    """Give every Z-Image block inside `module` the fused forward. Returns how many."""
-    return swap_class(module.modules(), *_classes())
-
-
-def use_plain_modulation(module: nn.Module) -> None:
-    """Undo use_fused_modulation (benchmarks run diffusers' own pipeline on the pack's loaded modules)."""
-    base, fused = _classes()
-    swap_class(module.modules(), fused, base)
+_SWAP = ClassSwap(_classes)
+use_fused_modulation = _SWAP.apply  # every Z-Image block inside a module to the fused forward
+use_plain_modulation = _SWAP.undo

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import norm_rope
-from .class_swap import swap_class
+from .class_swap import ClassSwap
 
 
 def rotate(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
@@ -85,13 +85,8 @@ def _processors(module: nn.Module):
     return (getattr(m, "processor", None) for m in module.modules())
 
 
-def use_real_rope(module: nn.Module) -> int:
-    """Switch the attention processors inside `module` to RealRopeAttnProcessor (the sampler's
-    backend choice, set on each processor, is kept). Returns how many."""
-    return swap_class(_processors(module), *_classes())
-
-
-def use_complex_rope(module: nn.Module) -> None:
-    """Undo use_real_rope (benchmarks run diffusers' own pipeline on the pack's loaded modules)."""
-    base, real = _classes()
-    swap_class(_processors(module), real, base)
+# the attention processors inside a module to RealRopeAttnProcessor (the sampler's backend
+# choice, set on each processor, is kept), and back
+_SWAP = ClassSwap(_classes, _processors)
+use_real_rope = _SWAP.apply
+use_complex_rope = _SWAP.undo

@@ -18,9 +18,8 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .class_swap import swap_class
+from .class_swap import ClassSwap
 from .gpu_kernels import Guarded
 
 try:  # Triton ships with PyTorch's CUDA wheels on Linux; not on CPU builds, often not on Windows
@@ -90,12 +89,6 @@ def _classes():
     return FeedForward, FusedGateFeedForward
 
 
-def use_fused_gate(module: nn.Module) -> int:
-    """Give every Z-Image feed-forward inside `module` the fused gate. Returns how many."""
-    return swap_class(module.modules(), *_classes())
-
-
-def use_plain_gate(module: nn.Module) -> None:
-    """Undo use_fused_gate (benchmarks run diffusers' own pipeline on the pack's loaded modules)."""
-    base, fused = _classes()
-    swap_class(module.modules(), fused, base)
+_SWAP = ClassSwap(_classes)
+use_fused_gate = _SWAP.apply  # every Z-Image feed-forward inside a module to the fused gate
+use_plain_gate = _SWAP.undo

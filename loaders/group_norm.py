@@ -105,9 +105,9 @@ def _nhwc_rows(c: int) -> tuple[int, int]:
     return step, step * max(1, _SPLIT // _BLOCK)
 
 
-def moments(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 mean and biased variance of each (image, group) of `x` [B, C, ...], contiguous or
-    channels-last: [B, groups]."""
+def moments(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, int]:
+    """float32 sum and sum of squares of each (image, group) of `x` [B, C, ...], contiguous or
+    channels-last: [B * groups, 2], and how many elements each group has."""
     b, c = x.shape[:2]
     on_gpu = x.device.type == "cuda" and triton is not None
     if on_gpu and channels_last(x):
@@ -118,25 +118,36 @@ def moments(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.cuda.device(x.device):  # Triton launches on the current device (gpu_kernels)
             _partial_moments_nhwc[(chunks, b)](x, partial, pixels, chunks, C=c, G=groups, STEP=step, ROWS=rows,
                                                num_warps=8)
-        s, s2 = partial.sum(1).reshape(b * groups, 2).unbind(-1)
-        length = pixels * (c // groups)
-    elif on_gpu:
-        rows = x.view(b * groups, -1)
-        length = rows.shape[1]
+        return partial.sum(1).view(b * groups, 2), pixels * (c // groups)
+    rows = x.view(b * groups, -1) if on_gpu else x.reshape(b * groups, -1)
+    length = rows.shape[1]
+    if on_gpu:
         splits = triton.cdiv(length, _SPLIT)
         partial = torch.empty(b * groups, splits, 2, dtype=torch.float32, device=x.device)
         with torch.cuda.device(x.device):
             _partial_moments[(b * groups, splits)](rows, partial, length, splits, SPLIT=_SPLIT, BLOCK=_BLOCK,
                                                    num_warps=8)
-        s, s2 = partial.sum(1).unbind(-1)
-    else:
-        rows = x.reshape(b * groups, -1)
-        length = rows.shape[1]
-        s = rows.sum(1, dtype=torch.float32)
-        s2 = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).square()
-    mean = s / length
-    var = (s2 / length - mean.square()).clamp_min(0)
-    return mean.view(b, groups), var.view(b, groups)
+        return partial.sum(1), length
+    s = rows.sum(1, dtype=torch.float32)
+    s2 = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).square()
+    return torch.stack((s, s2), dim=1), length
+
+
+def scale_and_shift(sums: torch.Tensor, length: int, channels: int, groups: int, weight: torch.Tensor | None,
+                    bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each (image, channel)'s float32 scale and shift [B, C] from `moments`. Broadcast over the
+    groups' channels rather than repeated: every small operation here is a launch, and a tiled
+    decode's ~120 GroupNorms made it CPU-bound (bench/NOTES.md session 8)."""
+    cg = channels // groups
+    m = sums / length
+    mean, ex2 = m[:, 0], m[:, 1]
+    rstd = torch.addcmul(ex2, mean, mean, value=-1).clamp_min_(0).add_(eps).rsqrt_().view(-1, groups, 1)
+    # float32 throughout: a bf16 weight or bias is promoted
+    scale = rstd * weight.view(groups, cg) if weight is not None else rstd.expand(-1, -1, cg)
+    shift = torch.mul(mean.view(-1, groups, 1), scale).neg_()
+    if bias is not None:
+        shift = shift + bias.view(groups, cg)
+    return scale.reshape(-1, channels), shift.reshape(-1, channels)
 
 
 def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -162,14 +173,8 @@ def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> to
 def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                eps: float) -> torch.Tensor:
     """F.group_norm's result for `x` [B, C, ...], contiguous or channels-last (see `fits`)."""
-    b, c = x.shape[:2]
-    mean, var = moments(x, groups)
-    rstd = torch.rsqrt(var + eps).repeat_interleave(c // groups, dim=1)  # [B, C]
-    scale = rstd * weight.float() if weight is not None else rstd
-    shift = -mean.repeat_interleave(c // groups, dim=1) * scale
-    if bias is not None:
-        shift = shift + bias.float()
-    return scale_shift(x, scale, shift)
+    sums, length = moments(x, groups)
+    return scale_shift(x, *scale_and_shift(sums, length, x.shape[1], groups, weight, bias, eps))
 
 
 _on_gpu = Guarded(group_norm)  # PyTorch's GroupNorm once the kernels failed to build here

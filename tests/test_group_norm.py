@@ -21,6 +21,8 @@ def test_group_norm_math_matches_pytorch(pack, dtype, tol):
     assert (ours.double() - ref).abs().max() < tol
     native = F.group_norm(x, 32, w.to(dtype), b.to(dtype), 1e-6)
     assert (ours.double() - ref).abs().mean() <= (native.double() - ref).abs().mean() * 1.5
+    bare = group_norm(x, 32, None, None, 1e-6)  # no affine weight and bias
+    assert (bare.double() - F.group_norm(x.double(), 32, None, None, 1e-6)).abs().max() < tol
 
 
 def test_channels_last_activations_take_their_own_kernels_with_the_same_math(pack):

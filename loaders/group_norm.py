@@ -137,7 +137,8 @@ def scale_and_shift(sums: torch.Tensor, length: int, channels: int, groups: int,
                     bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Each (image, channel)'s float32 scale and shift [B, C] from `moments`. Broadcast over the
     groups' channels rather than repeated: every small operation here is a launch, and a tiled
-    decode's ~120 GroupNorms made it CPU-bound (bench/NOTES.md session 8)."""
+    decode runs ~120 GroupNorms (its wall time varied 66-190 ms a decode where the GPU needed 65,
+    bench/NOTES.md session 8)."""
     cg = channels // groups
     m = sums / length
     mean, ex2 = m[:, 0], m[:, 1]

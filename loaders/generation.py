@@ -130,7 +130,8 @@ def decode(vae: VAEHandle, latent: torch.Tensor, tiled: bool | None = None) -> t
     tiled = needs_tiles if tiled is None else tiled
     if moved and not tiled and vae.runtime.move_out is not None and not vae.runtime.move_out(moved):
         tiled = True  # no pinned memory left for the blocks' copies: tiles fit beside them
-    keep = not tiled and not moved and vae.runtime.plan.keeps_decode_memory(h * 8, w * 8, b)
+    # (keeps_decode_memory itself refuses a plan that moves blocks out or tiles; `tiled` may be the caller's)
+    keep = not tiled and vae.runtime.plan.keeps_decode_memory(h * 8, w * 8, b)
     with vae.on_device(keep_memory=keep) as m, _tiling(m, tiled):
         w = next(m.parameters())
         z = latent.to(w.device).to(w.dtype)  # cast on the GPU: on the host it took 7 ms (bench/NOTES.md)

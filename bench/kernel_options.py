@@ -178,6 +178,64 @@ def dequantize():
     print("dequantize fastest shapes", list(r.get("triton_shapes", {}).items())[:5], flush=True)
 
 
+def exponent_unpack():
+    """One layer block's packed bf16 weights (loaders.exponent_pack) back to bf16 as the streamer does
+    for packed storage: the one-launch Triton kernel (with its listed values patched after) against
+    the PyTorch path, bit for bit against the block's weights, and the kernel's tile shapes."""
+    from loaders import exponent_pack as ep
+    from loaders.streaming import HostBlock
+
+    dim, hidden, ada = (3840, 10240, 256) if CUDA else (96, 256, 32)
+    block = _layer_block(dim, hidden, ada)
+    with torch.no_grad():
+        for prm in block.parameters():
+            prm.normal_(0, 0.02)  # as bench/full_size_files.py draws them
+    host = HostBlock("layer", block, "packed", True, torch.bfloat16)
+    stage = host.host.to(DEV)
+    views_ref = {n: t.to(DEV, torch.bfloat16) for n, t in block.state_dict().items()}  # fp32 on a CPU
+    packed = [e for e in host.entries if e.packed]
+    nbytes = sum(e.numel * 3.5 for e in packed)  # 1.5 read, 2 written
+
+    def same(buf) -> bool:
+        v = host.views(stage, buf)
+        return all(torch.equal(v[e.name], views_ref[e.name]) for e in packed)
+
+    r = {"listed": host.listed, "packed_over_bf16": round(host.stage_bytes / HostBlock(
+        "layer", block, "bf16", False, torch.bfloat16).stage_bytes, 4)}
+    buf = torch.zeros(host.compute_bytes, dtype=torch.uint8, device=DEV)
+    failed = ep.launch.failed
+    ep.launch.failed = True  # the PyTorch path
+    ms = timed(lambda: host.dequantize(stage, buf, {}))
+    r["pytorch"] = {"ms_per_block": ms, "GBps": round(nbytes / ms / 1e6, 1), "same_bits": same(buf)}
+    ep.launch.failed = failed
+    if CUDA and host.packs is not None:
+        table = host.packs.rows.to(DEV)
+        buf = torch.zeros_like(buf)
+        try:  # straight to the kernel first, so that a compile error is seen, not swallowed
+            ep._unpack_chunks[(len(table),)](stage.view(torch.int16), stage, buf.view(torch.int32), table,
+                                             P=ep._PAIRS, num_warps=ep._WARPS)
+        except Exception as e:  # noqa: BLE001
+            r["triton_error"] = repr(e)[:1500]
+        tables = {}
+        ms = timed(lambda: host.dequantize(stage, buf, tables))
+        r["triton_one_launch"] = {"ran": not ep.launch.failed, "ms_per_block": ms,
+                                  "GBps": round(nbytes / ms / 1e6, 1), "same_bits": same(buf), "chunks": len(table)}
+        if "triton_error" not in r:
+            tuning = {}
+            for pairs in (512, 1024, 2048, 4096):
+                for warps in (4, 8):
+                    out = torch.zeros_like(buf)
+
+                    def launch():
+                        ep._unpack_chunks[(len(table),)](stage.view(torch.int16), stage, out.view(torch.int32), table,
+                                                         P=pairs, num_warps=warps)
+                    ms = timed(launch)
+                    tuning[f"P{pairs}_w{warps}"] = {"ms": ms, "GBps": round(nbytes / ms / 1e6, 1)}
+            r["triton_shapes"] = dict(sorted(tuning.items(), key=lambda kv: kv[1]["ms"]))
+    R["exponent_unpack"] = r
+    print("exponent_unpack", r, flush=True)
+
+
 def vae_decode():
     """The Flux VAE's decode at 1024x1024 in bf16 (weights already on the GPU): untiled, on 512-pixel
     tiles overlapping by 128 (the pack until session 5) and on the pack's tiles (DECODE_TILE,
@@ -449,8 +507,8 @@ def replayed_ms(fn, calls: int = 20) -> float:
 
 
 def main():
-    parts = (gemms, attention, dequantize, vae_decode, compiled_block, norm_rope_kernel, modulation_kernels,
-             silu_gate)
+    parts = (gemms, attention, dequantize, exponent_unpack, vae_decode, compiled_block, norm_rope_kernel,
+             modulation_kernels, silu_gate)
     wanted = os.environ.get("PARTS", ",".join(p.__name__ for p in parts)).split(",")
     for part in (p for p in parts if p.__name__ in wanted):
         try:

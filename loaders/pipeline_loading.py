@@ -60,7 +60,8 @@ def load_parts(model: str, text_encoder: str | None = None, vae: str | None = No
                               found=f"hidden size {te.config['hidden_size']}",
                               fix="use the text encoder that belongs to this transformer (qwen_3_4b.safetensors).")
         tok = load_tokenizer(comfy_tokenizer or tokenizer_folder(model if os.path.isdir(model) else text_encoder))
-        sizes = ModelSizes.of(t.module, te.module, v.module, dtype, vae_dtype)
+        sizes = ModelSizes.of(t.module, te.module, v.module, dtype, vae_dtype,
+                              packed=Storage(storage) == Storage.PACKED and matmul == Matmul.BF16)
         # RAM the process's host cache already holds is RAM an automatic budget may count on: a
         # reload of these files finds its pinned copies there.
         free_host = available_host_bytes() + HOST_CACHE.nbytes

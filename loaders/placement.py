@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -70,6 +71,7 @@ class Where(str, Enum):
 class Storage(str, Enum):
     BF16 = "bf16"
     FP8 = "fp8"  # streamed blocks kept as float8_e4m3fn with per-row scales
+    PACKED = "packed"  # streamed bf16 matrices kept in 12 bits a weight, unpacked exactly (exponent_pack)
 
 
 class Matmul(str, Enum):
@@ -82,11 +84,12 @@ class Matmul(str, Enum):
 # (H100, one run: 8 / 6 / 4 GiB 0.128 / 0.172 / 0.201 s a step with 2, 0.132 / 0.176 / 0.205 with 3).
 # fp8 blocks are half the size, so a buffer less makes no block resident, and the deeper prefetch
 # hides copy jitter behind compute: 0.114 / 0.114 / 0.116 with 3, 0.115 / 0.117 / 0.117 with 2.
-N_BUFFERS = {Storage.BF16: 2, Storage.FP8: 3}
+# Packed blocks are 3/4 of bf16's, still bound by the copies below ~10 GiB.
+N_BUFFERS = {Storage.BF16: 2, Storage.FP8: 3, Storage.PACKED: 2}
 
 
 def buffers_for(storage: Storage, matmul: Matmul) -> int:
-    return N_BUFFERS[Storage.FP8 if storage == Storage.FP8 or matmul == Matmul.FP8 else Storage.BF16]
+    return N_BUFFERS[Storage.FP8 if matmul == Matmul.FP8 else storage]
 
 
 @dataclass(frozen=True)
@@ -100,11 +103,25 @@ class ModelSizes:
     vae: int
     # Each block with its matrices in fp8 + per-row float32 scales (fp8 storage or fp8 matmuls).
     transformer_blocks_fp8: tuple[int, ...] = ()
+    # Each block's pinned copy with its matrices packed (exponent_pack; computed for packed storage).
+    transformer_blocks_packed: tuple[int, ...] = ()
 
     def block_fp8(self, i: int) -> int:
         if self.transformer_blocks_fp8:
             return self.transformer_blocks_fp8[i]
         return fp8_bytes(self.transformer_blocks[i][1])
+
+    def block_packed(self, i: int) -> int:
+        """Packed size where measured, else bf16's (never smaller than what packing gives)."""
+        if self.transformer_blocks_packed:
+            return self.transformer_blocks_packed[i]
+        return self.transformer_blocks[i][1]
+
+    def blocks_from(self, lo: int, hi: int, stem: int) -> "ModelSizes":
+        """These sizes with only blocks lo..hi-1 and the given stem (one device's share)."""
+        return dataclasses.replace(self, transformer_stem=stem, transformer_blocks=self.transformer_blocks[lo:hi],
+                                   transformer_blocks_fp8=self.transformer_blocks_fp8[lo:hi],
+                                   transformer_blocks_packed=self.transformer_blocks_packed[lo:hi])
 
     @property
     def transformer(self) -> int:
@@ -115,9 +132,11 @@ class ModelSizes:
         return self.text_encoder_embedding + self.text_encoder_stem + sum(self.text_encoder_blocks)
 
     @classmethod
-    def of(cls, transformer, text_encoder, vae, dtype: torch.dtype, vae_dtype: torch.dtype) -> "ModelSizes":
+    def of(cls, transformer, text_encoder, vae, dtype: torch.dtype, vae_dtype: torch.dtype,
+           packed: bool = False) -> "ModelSizes":
         """Sizes of loaded modules once in `dtype` (diffusers' ZImageTransformer2DModel, transformers'
-        Qwen3Model, AutoencoderKL)."""
+        Qwen3Model, AutoencoderKL). `packed`: also measure each block packed, which reads every
+        weight once (a pass the host copies then reuse)."""
         def nbytes(m, dt=dtype, fp8=False) -> int:
             total = 0
             for t in list(m.parameters()) + list(m.buffers()):
@@ -130,9 +149,19 @@ class ModelSizes:
         blocks = tuple((name, nbytes(transformer.get_submodule(name))) for name in names)
         te_blocks = tuple(nbytes(layer) for layer in text_encoder.layers)
         emb = nbytes(text_encoder.embed_tokens)
-        return cls(nbytes(transformer) - sum(b for _, b in blocks), blocks, emb,
+        sizes = cls(nbytes(transformer) - sum(b for _, b in blocks), blocks, emb,
                    nbytes(text_encoder) - emb - sum(te_blocks), te_blocks, nbytes(vae, vae_dtype),
                    tuple(nbytes(transformer.get_submodule(name), fp8=True) for name in names))
+        return sizes.with_packed(transformer, dtype) if packed else sizes
+
+    def with_packed(self, transformer, dtype: torch.dtype) -> "ModelSizes":
+        """These sizes with every block's packed size measured (`packed_bytes`): blocks on all CPU
+        cores at once (a histogram runs on one core; the 34 blocks took 17 s one after another on
+        a 16-core host)."""
+        names = [name for name, _ in self.transformer_blocks]
+        with ThreadPoolExecutor(max(1, min(len(names), os.cpu_count() or 1))) as pool:
+            packed = tuple(pool.map(lambda name: packed_bytes(transformer.get_submodule(name), dtype), names))
+        return dataclasses.replace(self, transformer_blocks_packed=packed)
 
 
 def transformer_block_names(transformer) -> list[str]:
@@ -140,6 +169,13 @@ def transformer_block_names(transformer) -> list[str]:
     return ([f"noise_refiner.{i}" for i in range(len(transformer.noise_refiner))]
             + [f"context_refiner.{i}" for i in range(len(transformer.context_refiner))]
             + [f"layers.{i}" for i in range(len(transformer.layers))])
+
+
+def packed_bytes(block, dtype: torch.dtype) -> int:
+    """Bytes of `block`'s pinned copy with its matrices packed, as streaming lays it out."""
+    from .streaming import stage_layout  # streaming's imports are heavier than the planner needs
+    tensors = dict(block.named_parameters()) | dict(block.named_buffers())
+    return stage_layout(tensors, Storage.PACKED.value, dtype)[1]
 
 
 def fp8_bytes(nbytes: int) -> int:
@@ -207,6 +243,8 @@ class MemoryPlan:
         b = self.sizes.transformer_blocks[i][1]
         if self.matmul == Matmul.FP8 or (where == Where.PINNED and self.storage == Storage.FP8):
             return self.sizes.block_fp8(i)
+        if where == Where.PINNED and self.storage == Storage.PACKED:
+            return self.sizes.block_packed(i)
         return b
 
     @property
@@ -408,7 +446,7 @@ def plan_memory(sizes: ModelSizes, device: torch.device | str, budget_gb: float 
     # in the compute dtype, unless fp8 matmuls need them quantised anyway.
     probe = MemoryPlan(str(device), 0, 0, height, width, batch, storage, (), "", Where.CPU, False, sizes, {}, matmul)
     stage = probe._block_bytes
-    dequantised = storage == Storage.FP8 and matmul == Matmul.BF16
+    dequantised = storage in (Storage.FP8, Storage.PACKED) and matmul == Matmul.BF16
     n_buffers = buffers_for(storage, matmul)
 
     def place(resident: list[bool]) -> tuple[list[Where], int]:
@@ -429,7 +467,7 @@ def plan_memory(sizes: ModelSizes, device: torch.device | str, budget_gb: float 
         if not streamed:
             return 0
         staging = min(n_buffers, len(streamed)) * max(stage(i, w) for i, w in streamed)
-        # fp8-stored blocks are dequantised into one shared bf16 buffer right before they run
+        # fp8 and packed blocks are dequantised into one shared bf16 buffer right before they run
         fp8_compute = max(blocks[i] for i, w in streamed if w == Where.PINNED) \
             if dequantised and any(w == Where.PINNED for _, w in streamed) else 0
         return staging + fp8_compute
@@ -548,9 +586,7 @@ def plan_devices(sizes: ModelSizes, devices: list[str], budgets_gb: list[float],
         plans, host_left = [], host_budget / GiB
         for k, d in enumerate(devices):
             lo, hi = bounds[k], bounds[k + 1]
-            sub = ModelSizes(sizes.transformer_stem if k == 0 else 0, sizes.transformer_blocks[lo:hi],
-                             sizes.text_encoder_embedding, sizes.text_encoder_stem, sizes.text_encoder_blocks,
-                             sizes.vae, sizes.transformer_blocks_fp8[lo:hi] if sizes.transformer_blocks_fp8 else ())
+            sub = sizes.blocks_from(lo, hi, sizes.transformer_stem if k == 0 else 0)
             last = k == len(devices) - 1
             try:
                 p = plan_memory(sub, d, room[k][0] / GiB, max(host_left, 1e-9), height, width, batch, storage,

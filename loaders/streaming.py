@@ -14,7 +14,9 @@ dequantised on the compute stream, right before its block runs, into one bf16 bu
 streamed block shares: the copy stream then only copies (kernels queued there waited for SMs the
 blocks were using and held up the next copy), and one buffer instead of one per slot leaves room
 for more resident blocks. When the blocks multiply in fp8 themselves (`fp8_matmul.Fp8Linear`),
-the fp8 weights and their scales are bound as they arrived.
+the fp8 weights and their scales are bound as they arrived. "packed" keeps each bf16 matrix in 12
+bits a weight (exponent_pack): 3/4 of the bytes over PCIe, unpacked the same way into that shared
+buffer, to the same bits.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import exponent_pack
 from .block_dequant import ChunkTable, dequantize_block
 from .file_reads import Prefetch, cached, copy_to_device, file_range, read_into
 from .fp8_matmul import FP8, dequantize_into, fp8_quantize
@@ -46,8 +49,14 @@ class _Entry:
     dtype: torch.dtype  # compute dtype
     stage_off: int  # offset in the staging buffer (what is copied)
     stage_dtype: torch.dtype
-    compute_off: int  # offset in the compute buffer (fp8 only; else == stage_off)
+    compute_off: int  # offset in the compute buffer (fp8 and packed only; else == stage_off)
     scale_off: int = -1  # fp8: offset of the float32 per-row scales in the staging buffer
+    code_off: int = -1  # packed: offset of the exponent codes in the staging buffer (its low bytes: stage_off)
+    base: int = -1  # packed: the exponent window's base (exponent_pack)
+
+    @property
+    def packed(self) -> bool:
+        return self.code_off >= 0
 
     @property
     def numel(self) -> int:
@@ -55,6 +64,43 @@ class _Entry:
         for d in self.shape:
             n *= d
         return n
+
+
+def stage_layout(tensors: dict[str, torch.Tensor], storage: str, compute_dtype: torch.dtype,
+                 fp8_matmul: bool = False) -> tuple[list[_Entry], int, int, int]:
+    """Where each of a block's `tensors` goes in the staging buffer (what is copied) and the compute
+    buffer (what fp8 and packed matrices become): (entries, staging bytes, compute bytes, values
+    listed apart). Packed matrices are followed by their listed values' places (int64) and bits
+    (int16), at the end of the staging buffer. A matrix that would not shrink stays bf16."""
+    entries: list[_Entry] = []
+    stage = compute = listed = 0
+    for n, t in tensors.items():
+        dtype = compute_dtype if t.is_floating_point() else t.dtype
+        nbytes = t.numel() * dtype.itemsize
+        quant = storage == "fp8" and t.ndim == 2 and t.is_floating_point()
+        window = exponent_pack.window_of(t) if storage == "packed" and compute_dtype == torch.bfloat16 \
+            and exponent_pack.packs(t) else None
+        if window is not None and not exponent_pack.worth_packing(t.numel(), window[1]):
+            window = None
+        if quant:
+            e = _Entry(n, t.shape, dtype, stage, FP8, compute)
+            stage = _align(stage + t.numel())
+            e.scale_off = stage
+            stage = _align(stage + t.shape[0] * 4)
+        elif window is not None:
+            e = _Entry(n, t.shape, dtype, stage, torch.uint8, compute, base=window[0])
+            stage = _align(stage + t.numel())
+            e.code_off = stage
+            stage = _align(stage + t.numel() // 2)
+            listed += window[1]
+        else:
+            e = _Entry(n, t.shape, dtype, stage, dtype, compute)
+            stage = _align(stage + nbytes)
+        if not (quant and fp8_matmul):
+            compute = _align(compute + nbytes)
+        entries.append(e)
+    stage += _align(8 * listed) + _align(2 * listed)
+    return entries, stage, compute, listed
 
 
 class HostBlock:
@@ -66,40 +112,32 @@ class HostBlock:
         bound) as fp8 with `<weight>_scale`, whatever `storage` says."""
         if fp8_matmul:
             storage = "fp8"
+        if storage == "packed" and (compute_dtype != torch.bfloat16 or not pinned):
+            storage = "bf16"  # 12-bit packing is of bf16 bits, made when the host copy is built
         self.name, self.storage, self.pinned, self.fp8_matmul = name, storage, pinned, fp8_matmul
         tensors = dict(module.named_parameters()) | dict(module.named_buffers())
-        self.entries: list[_Entry] = []
-        stage = compute = 0
-        for n, t in tensors.items():
-            dtype = compute_dtype if t.is_floating_point() else t.dtype
-            nbytes = t.numel() * dtype.itemsize
-            quant = storage == "fp8" and t.ndim == 2 and t.is_floating_point()
-            if quant:
-                e = _Entry(n, t.shape, dtype, stage, FP8, compute)
-                stage = _align(stage + t.numel())
-                e.scale_off = stage
-                stage = _align(stage + t.shape[0] * 4)
-            else:
-                e = _Entry(n, t.shape, dtype, stage, dtype, compute)
-                stage = _align(stage + nbytes)
-            if not (quant and fp8_matmul):
-                compute = _align(compute + nbytes)
-            self.entries.append(e)
-        self.stage_bytes, self.compute_bytes = stage, compute
+        self.entries, self.stage_bytes, self.compute_bytes, listed = stage_layout(tensors, storage, compute_dtype,
+                                                                                  fp8_matmul)
+        self.listed = listed  # packed: how many values are listed apart, and where their places and bits are
+        self.listed_at_off = self.stage_bytes - _align(2 * listed) - _align(8 * listed)
+        self.listed_bits_off = self.stage_bytes - _align(2 * listed)
         self.quantized = storage == "fp8"
-        self.dequantized = self.quantized and not fp8_matmul  # fp8 in RAM, bf16 for compute
+        # fp8 or packed in RAM, bf16 for compute
+        self.dequantized = (self.quantized and not fp8_matmul) or any(e.packed for e in self.entries)
         self.chunks = ChunkTable.of([
             (e.stage_off, e.scale_off, e.compute_off // 2, e.shape[0], e.numel // e.shape[0])
             for e in self.entries if e.stage_dtype == FP8]) \
-            if self.dequantized and compute_dtype == torch.bfloat16 else None
+            if self.quantized and not fp8_matmul and compute_dtype == torch.bfloat16 else None
+        self.packs = exponent_pack.PackTable.of([(e.stage_off, e.code_off, e.compute_off, e.numel, e.base)
+                                                 for e in self.entries if e.packed])
         self.host_bytes = 0  # bytes this copy holds in host RAM (0 when it reads the mapped file)
         self.spans: list[tuple[str, int, int]] = []
         if pinned or self.quantized:
             # One contiguous host buffer: a single copy per block, at full PCIe speed when pinned.
             # Filled first (tensors as they are in the file read straight from it by several
             # threads), page-locked after.
-            raw, buf = host_buffer(stage)
-            reads = []
+            raw, buf = host_buffer(self.stage_bytes)
+            reads, done = [], 0
             for e in self.entries:
                 src = tensors[e.name].detach()
                 # as stored: read from the file; fp8 entries need their scales computed, so never
@@ -112,13 +150,23 @@ class HostBlock:
                     q, s = fp8_quantize(src)
                     buf[e.stage_off:e.stage_off + q.numel()].view(q.dtype).copy_(q.reshape(-1))
                     buf[e.scale_off:e.scale_off + s.numel() * 4].view(torch.float32).copy_(s)
+                elif e.packed:
+                    p = exponent_pack.pack(src.to(torch.bfloat16), e.base)
+                    buf[e.stage_off:e.stage_off + e.numel].copy_(p.low)
+                    buf[e.code_off:e.code_off + e.numel // 2].copy_(p.codes)
+                    k = p.listed_at.numel()
+                    at = buf[self.listed_at_off + 8 * done:self.listed_at_off + 8 * (done + k)].view(torch.int64)
+                    at.copy_(p.listed_at + e.compute_off // 2)  # places in the compute buffer, in bf16 units
+                    buf[self.listed_bits_off + 2 * done:self.listed_bits_off + 2 * (done + k)].view(
+                        torch.int16).copy_(p.listed_bits)
+                    done += k
                 else:
                     buf[e.stage_off:e.stage_off + e.numel * e.dtype.itemsize].view(e.dtype).view(
                         e.shape).copy_(src)
             read_into(reads)
             self.host = pin(raw, buf, self) if pinned else buf
             self.sources = None
-            self.host_bytes = stage
+            self.host_bytes = self.stage_bytes
         else:
             # Memory-mapped: read from the file through the pinned ring (file_reads) where the
             # bytes are as stored, else copied tensor by tensor out of the file mapping.
@@ -154,6 +202,9 @@ class HostBlock:
         """fp8 entries of `stage` -> bf16 in `compute` (on the current stream): one kernel launch for
         the block where block_dequant can, else a compiled kernel per matrix. `tables`: the
         caller's device copies of chunk tables, by layout."""
+        if self.packs is not None or any(e.packed for e in self.entries):
+            self._unpack(stage, compute, tables)
+            return
         if self.chunks is not None:
             table = tables.get(self.chunks.key)
             if table is None:
@@ -168,6 +219,23 @@ class HostBlock:
                 nbytes = e.numel * e.dtype.itemsize
                 outs.append(compute[e.compute_off:e.compute_off + nbytes].view(e.dtype).view(e.shape))
         dequantize_into(w8s, scales, outs)
+
+    def _unpack(self, stage: torch.Tensor, compute: torch.Tensor, tables: dict[bytes, torch.Tensor]) -> None:
+        out16 = compute.view(torch.int16)
+        table = None
+        if self.packs is not None:
+            table = tables.get(self.packs.key)
+            if table is None:
+                table = tables[self.packs.key] = self.packs.rows.to(stage.device)
+        if table is None or not exponent_pack.unpack_block(stage, compute, table):
+            for e in self.entries:
+                if e.packed:
+                    exponent_pack.unpack_into(stage[e.stage_off:e.stage_off + e.numel],
+                                              stage[e.code_off:e.code_off + e.numel // 2], e.base,
+                                              out16[e.compute_off // 2:e.compute_off // 2 + e.numel])
+        k = self.listed
+        exponent_pack.patch(out16, stage[self.listed_at_off:self.listed_at_off + 8 * k].view(torch.int64),
+                            stage[self.listed_bits_off:self.listed_bits_off + 2 * k].view(torch.int16))
 
     def bound_names(self) -> list[tuple[str, torch.dtype]]:
         """(name, dtype) of every tensor `views` binds into the block."""
@@ -189,7 +257,7 @@ class HostBlock:
                 out[e.name] = stage[e.stage_off:e.stage_off + e.numel].view(FP8).view(e.shape)
                 out[e.name + "_scale"] = stage[e.scale_off:e.scale_off + e.shape[0] * 4].view(torch.float32)
                 continue
-            if e.stage_dtype == FP8:
+            if e.stage_dtype == FP8 or e.packed:
                 t = compute[e.compute_off:e.compute_off + nbytes].view(e.dtype).view(e.shape)
             else:
                 t = stage[e.stage_off:e.stage_off + nbytes].view(e.dtype).view(e.shape)

@@ -43,8 +43,10 @@ class ZImageShardedLoader:
                            "Blocks beyond it stream straight from the model file (slower)."}),
             "streamed_weights": ([s.value for s in Storage], {
                 "default": Storage.BF16.value,
-                "tooltip": "How streamed blocks are kept: bf16 (exact) or fp8 (half the bytes to copy, "
-                           "faster on small GPUs, a small quality cost). Resident blocks stay bf16."}),
+                "tooltip": "How streamed blocks are kept: bf16 (exact), packed (exact too: bf16 in 12 bits a "
+                           "weight, 3/4 of the bytes to copy and of the pinned RAM; the load reads the weights "
+                           "once more to size them) or fp8 (half the bytes to copy, faster on small GPUs, a "
+                           "small quality cost). Resident blocks stay bf16."}),
             "matmul": ([m.value for m in Matmul], {
                 "default": Matmul.BF16.value,
                 "tooltip": "bf16: exact. fp8 (Ada and Hopper GPUs: RTX 40xx/50xx, L4, L40, H100): the blocks' "

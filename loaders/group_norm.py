@@ -4,9 +4,9 @@ multiply-add per element.
 PyTorch's GroupNorm kernel reduces each (image, group) with one thread block. A 1024x1024 decode
 has 32 of them per norm, up to 4M elements each, so most of an H100 idles: its 30 norms took 52
 of a 92 ms decode (bench/results/profile_compiled_bf16_h100.txt). Here each group is split over
-many programs (partial sums of x and x^2 in float32, added up by PyTorch), and the normalisation
-is one pass with a float32 scale and shift per channel: the same math, rounded once to the
-activation dtype.
+many programs (partial sums of x and x^2 in float32), a small kernel adds them up into each
+channel's float32 scale and shift, and the normalisation is one pass: the same math, rounded once
+to the activation dtype.
 
 Channels-last activations (a decode runs in that layout: cuDNN's convolutions then need no
 layout conversions around them) have their own two kernels, reading [pixels, channels] tiles:
@@ -75,9 +75,36 @@ if triton is not None:
             acc += v
             acc2 += v * v
         g = tl.arange(0, G)
-        out = out_ptr + (image * chunks + chunk) * G * 2 + g * 2
+        out = out_ptr + ((image * G + g) * chunks + chunk) * 2  # [image, group, chunk, (sum, sum of squares)]
         tl.store(out, tl.sum(tl.reshape(tl.sum(acc, axis=0), (G, C // G)), axis=1))
         tl.store(out + 1, tl.sum(tl.reshape(tl.sum(acc2, axis=0), (G, C // G)), axis=1))
+
+    @triton.jit
+    def _finalize(p_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, parts, length, eps, G, CG: tl.constexpr,
+                  CGP: tl.constexpr, PB: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+        """One (image, group): its partial sums added up, its mean and 1/std, and each of its
+        channels' float32 scale and shift (with the weight and bias): scale_and_shift's math."""
+        row = tl.program_id(0)  # image * G + group
+        acc = tl.zeros([PB], tl.float32)
+        acc2 = tl.zeros([PB], tl.float32)
+        for k in range(0, parts, PB):
+            i = k + tl.arange(0, PB)
+            m = i < parts
+            acc += tl.load(p_ptr + (row * parts + i) * 2, mask=m, other=0.0)
+            acc2 += tl.load(p_ptr + (row * parts + i) * 2 + 1, mask=m, other=0.0)
+        mean = tl.sum(acc) / length
+        rstd = tl.math.rsqrt(tl.maximum(tl.sum(acc2) / length - mean * mean, 0.0) + eps)
+        j = tl.arange(0, CGP)
+        m = j < CG
+        ch = (row % G) * CG + j
+        scale = tl.zeros([CGP], tl.float32) + rstd
+        if HAS_W:
+            scale = scale * tl.load(w_ptr + ch, mask=m, other=0.0).to(tl.float32)
+        shift = -(mean * scale)
+        if HAS_B:
+            shift = shift + tl.load(b_ptr + ch, mask=m, other=0.0).to(tl.float32)
+        tl.store(scale_ptr + row * CG + j, scale, mask=m)  # [image, channel]: image * C + group * CG + j
+        tl.store(shift_ptr + row * CG + j, shift, mask=m)
 
     @triton.jit
     def _scale_shift_nhwc(x_ptr, y_ptr, scale_ptr, shift_ptr, pixels, C: tl.constexpr, STEP: tl.constexpr):
@@ -105,32 +132,33 @@ def _nhwc_rows(c: int) -> tuple[int, int]:
     return step, step * max(1, _SPLIT // _BLOCK)
 
 
-def moments(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, int]:
-    """float32 sum and sum of squares of each (image, group) of `x` [B, C, ...], contiguous or
-    channels-last: [B * groups, 2], and how many elements each group has."""
+def _partial_sums(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, int]:
+    """On a GPU: float32 partial sums of x and x^2 of each (image, group) [B * groups, parts, 2], and
+    how many elements each group has."""
     b, c = x.shape[:2]
-    on_gpu = x.device.type == "cuda" and triton is not None
-    if on_gpu and channels_last(x):
+    if channels_last(x):
         pixels = x[0, 0].numel()
         step, rows = _nhwc_rows(c)
         chunks = triton.cdiv(pixels, rows)
-        partial = torch.empty(b, chunks, groups, 2, dtype=torch.float32, device=x.device)
-        with torch.cuda.device(x.device):  # Triton launches on the current device (gpu_kernels)
-            _partial_moments_nhwc[(chunks, b)](x, partial, pixels, chunks, C=c, G=groups, STEP=step, ROWS=rows,
-                                               num_warps=8)
-        return partial.sum(1).view(b * groups, 2), pixels * (c // groups)
-    rows = x.view(b * groups, -1) if on_gpu else x.reshape(b * groups, -1)
+        partial = torch.empty(b * groups, chunks, 2, dtype=torch.float32, device=x.device)
+        _partial_moments_nhwc[(chunks, b)](x, partial, pixels, chunks, C=c, G=groups, STEP=step, ROWS=rows,
+                                           num_warps=8)
+        return partial, pixels * (c // groups)
+    rows = x.view(b * groups, -1)
     length = rows.shape[1]
-    if on_gpu:
-        splits = triton.cdiv(length, _SPLIT)
-        partial = torch.empty(b * groups, splits, 2, dtype=torch.float32, device=x.device)
-        with torch.cuda.device(x.device):
-            _partial_moments[(b * groups, splits)](rows, partial, length, splits, SPLIT=_SPLIT, BLOCK=_BLOCK,
-                                                   num_warps=8)
-        return partial.sum(1), length
+    splits = triton.cdiv(length, _SPLIT)
+    partial = torch.empty(b * groups, splits, 2, dtype=torch.float32, device=x.device)
+    _partial_moments[(b * groups, splits)](rows, partial, length, splits, SPLIT=_SPLIT, BLOCK=_BLOCK, num_warps=8)
+    return partial, length
+
+
+def moments(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, int]:
+    """float32 sum and sum of squares of each (image, group) of `x` [B, C, ...] with PyTorch's
+    reductions (the CPU path): [B * groups, 2], and how many elements each group has."""
+    rows = x.reshape(x.shape[0] * groups, -1)
     s = rows.sum(1, dtype=torch.float32)
     s2 = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).square()
-    return torch.stack((s, s2), dim=1), length
+    return torch.stack((s, s2), dim=1), rows.shape[1]
 
 
 def scale_and_shift(sums: torch.Tensor, length: int, channels: int, groups: int, weight: torch.Tensor | None,
@@ -173,9 +201,22 @@ def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> to
 
 def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                eps: float) -> torch.Tensor:
-    """F.group_norm's result for `x` [B, C, ...], contiguous or channels-last (see `fits`)."""
+    """F.group_norm's result for `x` [B, C, ...], contiguous or channels-last (see `fits`). On a GPU
+    three launches: partial sums, their totals with each channel's scale and shift, the
+    normalisation (a tiled decode runs ~120 GroupNorms: few launches keep it off the CPU's pace)."""
+    b, c = x.shape[:2]
+    if x.device.type == "cuda" and triton is not None:
+        with torch.cuda.device(x.device):  # Triton launches on the current device (gpu_kernels)
+            partial, length = _partial_sums(x, groups)
+            scale = torch.empty(b, c, dtype=torch.float32, device=x.device)
+            shift = torch.empty_like(scale)
+            cg = c // groups
+            _finalize[(b * groups,)](partial, weight, bias, scale, shift, partial.shape[1], length, eps, groups,
+                                     CG=cg, CGP=triton.next_power_of_2(cg), PB=128, HAS_W=weight is not None,
+                                     HAS_B=bias is not None, num_warps=1)
+        return scale_shift(x, scale, shift)
     sums, length = moments(x, groups)
-    return scale_shift(x, *scale_and_shift(sums, length, x.shape[1], groups, weight, bias, eps))
+    return scale_shift(x, *scale_and_shift(sums, length, c, groups, weight, bias, eps))
 
 
 _on_gpu = Guarded(group_norm)  # PyTorch's GroupNorm once the kernels failed to build here

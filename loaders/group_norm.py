@@ -203,7 +203,8 @@ def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: 
                eps: float) -> torch.Tensor:
     """F.group_norm's result for `x` [B, C, ...], contiguous or channels-last (see `fits`). On a GPU
     three launches: partial sums, their totals with each channel's scale and shift, the
-    normalisation (a tiled decode runs ~120 GroupNorms: few launches keep it off the CPU's pace)."""
+    normalisation. A tiled decode runs ~120 GroupNorms and was bound by launching them: with ~10
+    launches each it took 84 ms at 1024x1024, with 3 53 ms (H100, one run of kernel_options)."""
     b, c = x.shape[:2]
     if x.device.type == "cuda" and triton is not None:
         with torch.cuda.device(x.device):  # Triton launches on the current device (gpu_kernels)

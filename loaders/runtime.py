@@ -8,8 +8,10 @@ and then freed, the VAE copied for the decode and freed.
 from __future__ import annotations
 
 import gc
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -25,6 +27,8 @@ from .host_cache import HOST_CACHE, source_key
 from .pinned_memory import HostStage
 from .placement import ONCE_PER_CAPTION, Matmul, MemoryPlan, ModelSizes, Storage, Where, plan_devices
 from .streaming import BlockStreamer, HostBlock, Slots
+
+PACKING_THREADS = 4  # packed host copies built at once (each also uses PyTorch's own threads)
 
 
 @dataclass
@@ -258,8 +262,14 @@ class TransformerHandle:
                 to_fp8_linears(self._replica.get_submodule(b), {
                     lin: block.get_submodule(lin).weight for lin in linear_names(block)} if b in resident else None)
         storage = "fp8_matmul" if fp8 else plan.storage.value
-        self._host = {n: host_block(self.component, "transformer", n, w, storage, dtype, plan.host_budget_bytes)
-                      for n, w in plan.blocks if w in (Where.PINNED, Where.MAPPED)}
+        streamed = [(n, w) for n, w in plan.blocks if w in (Where.PINNED, Where.MAPPED)]
+        # Packing is CPU work with single-threaded steps (the exponent histogram, the listed values'
+        # search): several blocks at once. Other host copies are bound by file reads, already threaded.
+        workers = min(PACKING_THREADS, os.cpu_count() or 1) if storage == Storage.PACKED.value else 1
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            hosts = list(pool.map(lambda nw: host_block(self.component, "transformer", *nw, storage, dtype,
+                                                        plan.host_budget_bytes), streamed))
+        self._host = {n: h for (n, _), h in zip(streamed, hosts)}
         self._plan = plan
 
     def move_out(self, names: tuple[str, ...]) -> bool:

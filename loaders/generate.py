@@ -17,6 +17,8 @@ import time
 import numpy as np
 import torch
 
+from .placement import Storage
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loaders.generate", description=__doc__.split("\n\n")[0])
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--vram-budget-gb", type=float, default=0.0)
     ap.add_argument("--ram-budget-gb", type=float, default=0.0)
-    ap.add_argument("--streamed-weights", default="bf16", choices=["bf16", "fp8"])
+    ap.add_argument("--streamed-weights", default="bf16", choices=[s.value for s in Storage])
     ap.add_argument("--matmul", default="bf16", choices=["bf16", "fp8"], help="fp8: Ada and Hopper GPUs")
     ap.add_argument("--compile", action="store_true", help="compile the transformer's repeated blocks")
     ap.add_argument("--devices", default="", help="several GPUs, e.g. 'cuda:0,cuda:1' (each gets --vram-budget-gb)")

@@ -321,6 +321,15 @@ class MemoryPlan:
             return tuple(moved), False
         return (), True
 
+    @property
+    def packed_fraction(self) -> float | None:
+        """Packed storage: the streamed blocks' packed bytes over their bf16 bytes, as measured."""
+        if self.storage != Storage.PACKED or self.matmul == Matmul.FP8 or not self.sizes.transformer_blocks_packed:
+            return None
+        streamed = [i for i, (_, w) in enumerate(self.blocks) if w == Where.PINNED]
+        bf16 = sum(self.sizes.transformer_blocks[i][1] for i in streamed)
+        return sum(self.sizes.transformer_blocks_packed[i] for i in streamed) / bf16 if bf16 else None
+
     def summary(self) -> str:
         if self.device == "cpu":
             return "CPU run: every part stays in system RAM (memory-mapped from its file)"
@@ -336,6 +345,7 @@ class MemoryPlan:
             f"transformer: {self.resident_bytes / GiB:.1f} GB resident ({len(self.blocks) - n_stream}/"
             f"{len(self.blocks)} blocks), {self.streamed_bytes_per_step / GiB:.1f} GB streamed per step "
             f"({n_stream - once} blocks, {'fp8' if self.matmul == Matmul.FP8 else self.storage.value}"
+            + (f" to {self.packed_fraction:.0%} of bf16" if self.packed_fraction else "")
             + (f", {mapped} from the mapped file" if mapped else "") + ")"
             + (f", {once} more once per new prompt" if once else "")
             + ("; fp8 matmuls" if self.matmul == Matmul.FP8 else ""),

@@ -145,7 +145,8 @@ def test_packed_storage_streams_three_quarters_of_the_bytes(pack):
     assert p.peak_bytes <= 6 * GiB and p.n_buffers == 2
     per_block = p.streamed_bytes_per_step / len(p.streamed) / (bf16.streamed_bytes_per_step / len(bf16.streamed))
     assert per_block == pytest.approx(0.75, abs=0.01)
-    assert p.pinned_bytes < bf16.pinned_bytes and "packed" in p.summary()
+    assert p.pinned_bytes < bf16.pinned_bytes and "packed to 75% of bf16" in p.summary()
+    assert unmeasured.packed_fraction is None and "packed)" in unmeasured.summary()
 
 
 def test_packed_streamed_blocks_give_the_resident_run_s_bits(tiny, pack):

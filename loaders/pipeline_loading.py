@@ -60,8 +60,11 @@ def load_parts(model: str, text_encoder: str | None = None, vae: str | None = No
                               found=f"hidden size {te.config['hidden_size']}",
                               fix="use the text encoder that belongs to this transformer (qwen_3_4b.safetensors).")
         tok = load_tokenizer(comfy_tokenizer or tokenizer_folder(model if os.path.isdir(model) else text_encoder))
-        sizes = ModelSizes.of(t.module, te.module, v.module, dtype, vae_dtype,
-                              packed=Storage(storage) == Storage.PACKED and matmul == Matmul.BF16)
+        packed = Storage(storage) == Storage.PACKED and matmul == Matmul.BF16
+        sizes = ModelSizes.of(t.module, te.module, v.module, dtype, vae_dtype, packed=packed,
+                              work_device=device if device.type == "cuda" else None)
+        if packed and device.type == "cuda":
+            torch.cuda.empty_cache()  # the counting's work memory: nothing of this load stays on the GPU
         # RAM the process's host cache already holds is RAM an automatic budget may count on: a
         # reload of these files finds its pinned copies there.
         free_host = available_host_bytes() + HOST_CACHE.nbytes

@@ -8,7 +8,6 @@ and then freed, the VAE copied for the decode and freed.
 from __future__ import annotations
 
 import gc
-import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,7 @@ from .pinned_memory import HostStage
 from .placement import ONCE_PER_CAPTION, Matmul, MemoryPlan, ModelSizes, Storage, Where, plan_devices
 from .streaming import BlockStreamer, HostBlock, Slots
 
-PACKING_THREADS = 4  # packed host copies built at once (each also uses PyTorch's own threads)
+PACKING_THREADS = 4  # packed host copies built at once (on a GPU each holds ~100 MB of work memory)
 
 
 @dataclass
@@ -132,18 +131,19 @@ class DeferredCopy:
 
 
 def host_block(component: LoadedComponent, part: str, name: str, where: Where, storage: str,
-               dtype: torch.dtype, host_budget_bytes: int) -> HostBlock:
+               dtype: torch.dtype, host_budget_bytes: int, work_device: torch.device | None = None) -> HostBlock:
     """A streamed block's host copy. Pinned copies come from the process's cache (another run,
     resolution or loader of the same file may have made them already); mapped ones are views of
     the file mapping, with nothing to keep (unless fp8 matmuls need them quantised).
-    `storage`: "bf16", "fp8" or "fp8_matmul"."""
+    `storage`: "bf16", "fp8", "packed" or "fp8_matmul"; `work_device`: where packing runs."""
     module = component.module
     fp8_matmul = storage == "fp8_matmul"
     if where != Where.PINNED:
         return HostBlock(name, module.get_submodule(name), "bf16", False, dtype, fp8_matmul)
     HOST_CACHE.raise_limit(host_budget_bytes)
     return HOST_CACHE.get(host_key(component, part, name, storage, dtype),
-                          lambda: HostBlock(name, module.get_submodule(name), storage, True, dtype, fp8_matmul))
+                          lambda: HostBlock(name, module.get_submodule(name), storage, True, dtype, fp8_matmul,
+                                            work_device))
 
 
 def host_key(component: LoadedComponent, part: str, name: str, storage: str, dtype: torch.dtype) -> tuple:
@@ -263,12 +263,16 @@ class TransformerHandle:
                     lin: block.get_submodule(lin).weight for lin in linear_names(block)} if b in resident else None)
         storage = "fp8_matmul" if fp8 else plan.storage.value
         streamed = [(n, w) for n, w in plan.blocks if w in (Where.PINNED, Where.MAPPED)]
-        # Packing is CPU work with single-threaded steps (the exponent histogram, the listed values'
-        # search): several blocks at once. Other host copies are bound by file reads, already threaded.
-        workers = min(PACKING_THREADS, os.cpu_count() or 1) if storage == Storage.PACKED.value else 1
-        with ThreadPoolExecutor(max(1, workers)) as pool:
+        # Packing runs on the GPU (~1 s for the whole transformer's weights, ~20 on 16 CPU cores),
+        # several blocks at once so that reading the file overlaps it. Other host copies are bound by
+        # file reads, already threaded.
+        packing = storage == Storage.PACKED.value
+        work = self.runtime.device if packing and self.runtime.device.type == "cuda" else None
+        with ThreadPoolExecutor(PACKING_THREADS if packing else 1) as pool:
             hosts = list(pool.map(lambda nw: host_block(self.component, "transformer", *nw, storage, dtype,
-                                                        plan.host_budget_bytes), streamed))
+                                                        plan.host_budget_bytes, work), streamed))
+        if work is not None:
+            free_device_cache(work)  # the packing's work memory, before the streamer's buffers
         self._host = {n: h for (n, _), h in zip(streamed, hosts)}
         self._plan = plan
 

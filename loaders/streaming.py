@@ -67,18 +67,20 @@ class _Entry:
 
 
 def stage_layout(tensors: dict[str, torch.Tensor], storage: str, compute_dtype: torch.dtype,
-                 fp8_matmul: bool = False) -> tuple[list[_Entry], int, int, int]:
+                 fp8_matmul: bool = False, work_device: torch.device | None = None
+                 ) -> tuple[list[_Entry], int, int, int]:
     """Where each of a block's `tensors` goes in the staging buffer (what is copied) and the compute
     buffer (what fp8 and packed matrices become): (entries, staging bytes, compute bytes, values
     listed apart). Packed matrices are followed by their listed values' places (int64) and bits
-    (int16), at the end of the staging buffer. A matrix that would not shrink stays bf16."""
+    (int16), at the end of the staging buffer. A matrix that would not shrink stays bf16.
+    `work_device`: where packed matrices' exponents are counted (None: where they are)."""
     entries: list[_Entry] = []
     stage = compute = listed = 0
     for n, t in tensors.items():
         dtype = compute_dtype if t.is_floating_point() else t.dtype
         nbytes = t.numel() * dtype.itemsize
         quant = storage == "fp8" and t.ndim == 2 and t.is_floating_point()
-        window = exponent_pack.window_of(t) if storage == "packed" and compute_dtype == torch.bfloat16 \
+        window = exponent_pack.window_of(t, work_device) if storage == "packed" and compute_dtype == torch.bfloat16 \
             and exponent_pack.packs(t) else None
         if window is not None and not exponent_pack.worth_packing(t.numel(), window[1]):
             window = None
@@ -107,9 +109,10 @@ class HostBlock:
     """One block's weights in host memory, laid out as the device buffer will hold them."""
 
     def __init__(self, name: str, module: nn.Module, storage: str, pinned: bool, compute_dtype: torch.dtype,
-                 fp8_matmul: bool = False):
+                 fp8_matmul: bool = False, work_device: torch.device | None = None):
         """`fp8_matmul`: the block's linears are Fp8Linear on the device; their weights are stored (and
-        bound) as fp8 with `<weight>_scale`, whatever `storage` says."""
+        bound) as fp8 with `<weight>_scale`, whatever `storage` says. `work_device`: where packed
+        storage packs (a GPU: much faster than the CPU)."""
         if fp8_matmul:
             storage = "fp8"
         if storage == "packed" and (compute_dtype != torch.bfloat16 or not pinned):
@@ -117,7 +120,7 @@ class HostBlock:
         self.name, self.storage, self.pinned, self.fp8_matmul = name, storage, pinned, fp8_matmul
         tensors = dict(module.named_parameters()) | dict(module.named_buffers())
         self.entries, self.stage_bytes, self.compute_bytes, listed = stage_layout(tensors, storage, compute_dtype,
-                                                                                  fp8_matmul)
+                                                                                  fp8_matmul, work_device)
         self.listed = listed  # packed: how many values are listed apart, and where their places and bits are
         self.listed_at_off = self.stage_bytes - _align(2 * listed) - _align(8 * listed)
         self.listed_bits_off = self.stage_bytes - _align(2 * listed)
@@ -151,14 +154,13 @@ class HostBlock:
                     buf[e.stage_off:e.stage_off + q.numel()].view(q.dtype).copy_(q.reshape(-1))
                     buf[e.scale_off:e.scale_off + s.numel() * 4].view(torch.float32).copy_(s)
                 elif e.packed:
-                    p = exponent_pack.pack(src.to(torch.bfloat16), e.base)
-                    buf[e.stage_off:e.stage_off + e.numel].copy_(p.low)
-                    buf[e.code_off:e.code_off + e.numel // 2].copy_(p.codes)
-                    k = p.listed_at.numel()
-                    at = buf[self.listed_at_off + 8 * done:self.listed_at_off + 8 * (done + k)].view(torch.int64)
-                    at.copy_(p.listed_at + e.compute_off // 2)  # places in the compute buffer, in bf16 units
+                    at, bits = exponent_pack.pack_into(src, e.base, buf[e.stage_off:e.stage_off + e.numel],
+                                                       buf[e.code_off:e.code_off + e.numel // 2], work_device)
+                    k = at.numel()
+                    places = buf[self.listed_at_off + 8 * done:self.listed_at_off + 8 * (done + k)].view(torch.int64)
+                    places.copy_(at + e.compute_off // 2)  # places in the compute buffer, in bf16 units
                     buf[self.listed_bits_off + 2 * done:self.listed_bits_off + 2 * (done + k)].view(
-                        torch.int16).copy_(p.listed_bits)
+                        torch.int16).copy_(bits)
                     done += k
                 else:
                     buf[e.stage_off:e.stage_off + e.numel * e.dtype.itemsize].view(e.dtype).view(

@@ -48,6 +48,22 @@ def test_every_value_comes_back_with_its_bits(pack, case):
         assert not ep.worth_packing(t.numel(), listed)
 
 
+def test_packing_piece_by_piece_gives_the_same_bytes(pack, monkeypatch):
+    from zimage_nodes.loaders import exponent_pack as ep
+
+    g = torch.Generator().manual_seed(1)
+    t = (torch.randn(50, 64, generator=g) * 0.02).bfloat16()
+    t[3, :6] = torch.tensor(SPECIAL[:6])  # listed values in several pieces
+    t[40, 10] = 0.0
+    whole = ep.pack(t)
+    monkeypatch.setattr(ep, "PIECE", 256)  # 13 pieces
+    assert ep.exponent_window(t) == (whole.base, whole.listed_at.numel())
+    pieces = ep.pack(t.float())  # from float32, as a file may hold it
+    for name in ("low", "codes", "listed_at", "listed_bits"):
+        assert torch.equal(getattr(pieces, name), getattr(whole, name)), name
+    assert whole.listed_at.numel() >= 6 and torch.equal(_round_trip(t), t.view(torch.int16).reshape(-1))
+
+
 def _block(scale: float = 0.02) -> nn.Module:
     torch.manual_seed(0)
     m = nn.Module()

@@ -97,8 +97,8 @@ class Packed:
 def pack_into(t: torch.Tensor, base: int, low: torch.Tensor, codes: torch.Tensor,
               device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack `t` (see `packs`) with window `base` into `low` (uint8, one per weight) and `codes`
-    (uint8, one per pair), working on `device` (None: where `t` is; a GPU packs the 6 B weights in
-    ~1 s where 16 CPU cores took ~20); returns the listed values' places and bits, on the CPU."""
+    (uint8, one per pair), working on `device` (None: where `t` is); returns the listed values'
+    places and bits, on the CPU."""
     ats, listed = [], []
     for s, piece in _pieces(t, device):
         bits = piece.view(torch.int16)  # int16 throughout: half the memory traffic of int32

@@ -165,6 +165,21 @@ def test_packed_storage_streams_three_quarters_of_the_bytes(pack):
     assert unmeasured.packed_fraction is None and "packed)" in unmeasured.summary()
 
 
+def test_each_gpu_s_share_keeps_its_blocks_packed_sizes(pack):
+    from zimage_nodes.loaders.placement import ModelSizes, plan_devices
+
+    blocks = tuple((f"layers.{i}", 390 * 2**20) for i in range(30))
+    sizes = ModelSizes(2**28, blocks, 2**29, 2**20, (200 * 2**20,) * 36, 160 * 2**20,
+                       transformer_blocks_packed=tuple(293 * 2**20 + i for i in range(30)))
+    devs = ["cuda:0", "cuda:1"]
+    p = plan_devices(sizes, devs, [5, 5], 64, storage="packed", free_bytes={d: 79 * GiB for d in devs})
+    assert len(p.device_plans) == 2 and all(d.peak_bytes <= 5 * GiB for d in p.device_plans)
+    first = len(p.device_plans[0].blocks)
+    second = p.device_plans[1].sizes
+    assert second.transformer_blocks_packed == sizes.transformer_blocks_packed[first:]  # its own blocks'
+    assert all(d.streamed and d.packed_fraction == pytest.approx(0.751, abs=0.001) for d in p.device_plans)
+
+
 def test_packed_streamed_blocks_give_the_resident_run_s_bits(tiny, pack):
     from test_streaming import run, use_plan
 

@@ -98,7 +98,8 @@ def run_pack(parts, label: str, budget_gb: float, storage: str, ctx: int, total:
     sizing_s = None
     if rt.storage == Storage.PACKED and not rt.sizes.transformer_blocks_packed:
         t0 = time.perf_counter()  # what a load with packed storage adds: every weight's exponents read once
-        rt.sizes = rt.sizes.with_packed(parts.transformer.component.module, rt.dtype, rt.device)
+        rt.sizes = rt.sizes.with_packed(parts.transformer.component.module, parts.text_encoder.component.module,
+                                        rt.dtype, rt.device)
         torch.cuda.empty_cache()
         sizing_s = round(time.perf_counter() - t0, 2)
     rt.plan = plan_memory(rt.sizes, rt.device, budget_gb, rt.ram_budget_gb, RES, RES, 1, storage)

@@ -105,6 +105,7 @@ class ModelSizes:
     transformer_blocks_fp8: tuple[int, ...] = ()
     # Each block's pinned copy with its matrices packed (exponent_pack; computed for packed storage).
     transformer_blocks_packed: tuple[int, ...] = ()
+    text_encoder_blocks_packed: tuple[int, ...] = ()
 
     def block_fp8(self, i: int) -> int:
         if self.transformer_blocks_fp8:
@@ -122,6 +123,20 @@ class ModelSizes:
         return dataclasses.replace(self, transformer_stem=stem, transformer_blocks=self.transformer_blocks[lo:hi],
                                    transformer_blocks_fp8=self.transformer_blocks_fp8[lo:hi],
                                    transformer_blocks_packed=self.transformer_blocks_packed[lo:hi])
+
+    def text_encoder_pinned(self, storage: Storage, matmul: Matmul) -> int:
+        """Bytes of the text encoder's layers pinned for streaming (packed where measured)."""
+        if storage == Storage.PACKED and matmul == Matmul.BF16 and self.text_encoder_blocks_packed:
+            return sum(self.text_encoder_blocks_packed)
+        return sum(self.text_encoder_blocks)
+
+    def text_encoder_streaming(self, n_buffers: int, storage: Storage, matmul: Matmul) -> int:
+        """GPU bytes of a streamed encode: stem, buffers and work. Packed layers add the shared bf16
+        buffer they are unpacked into; the first prompt streams bf16 from the file, so the larger."""
+        layers = n_buffers * max(self.text_encoder_blocks)
+        if storage == Storage.PACKED and matmul == Matmul.BF16 and self.text_encoder_blocks_packed:
+            layers = max(layers, n_buffers * max(self.text_encoder_blocks_packed) + max(self.text_encoder_blocks))
+        return self.text_encoder_stem + layers + ENCODE_WORK_BYTES
 
     @property
     def transformer(self) -> int:
@@ -152,21 +167,23 @@ class ModelSizes:
         sizes = cls(nbytes(transformer) - sum(b for _, b in blocks), blocks, emb,
                    nbytes(text_encoder) - emb - sum(te_blocks), te_blocks, nbytes(vae, vae_dtype),
                    tuple(nbytes(transformer.get_submodule(name), fp8=True) for name in names))
-        return sizes.with_packed(transformer, dtype, work_device) if packed else sizes
+        return sizes.with_packed(transformer, text_encoder, dtype, work_device) if packed else sizes
 
-    def with_packed(self, transformer, dtype: torch.dtype, work_device: torch.device | None = None) -> "ModelSizes":
-        """These sizes with every block's packed size measured (`packed_bytes`), the exponents
+    def with_packed(self, transformer, text_encoder, dtype: torch.dtype,
+                    work_device: torch.device | None = None) -> "ModelSizes":
+        """These sizes with every block's and text encoder layer's packed size measured
+        (`packed_bytes`), the exponents
         counted on `work_device` (None: the CPU). Several blocks at once: on a CPU a histogram runs
         on one core (the 34 blocks took 17 s one after another on a 16-core host, 3 s on all of
         them); on a GPU (1.9 s on an H100 host) the threads overlap reading the file, 4 at most to
         bound GPU memory."""
-        names = [name for name, _ in self.transformer_blocks]
+        blocks = [transformer.get_submodule(name) for name, _ in self.transformer_blocks] + list(text_encoder.layers)
         cuda = work_device is not None and torch.device(work_device).type == "cuda"
-        workers = max(1, min(len(names), 4 if cuda else os.cpu_count() or 1))
+        workers = max(1, min(len(blocks), 4 if cuda else os.cpu_count() or 1))
         with ThreadPoolExecutor(workers) as pool:
-            packed = tuple(pool.map(lambda name: packed_bytes(transformer.get_submodule(name), dtype, work_device),
-                                    names))
-        return dataclasses.replace(self, transformer_blocks_packed=packed)
+            packed = tuple(pool.map(lambda block: packed_bytes(block, dtype, work_device), blocks))
+        n = len(self.transformer_blocks)
+        return dataclasses.replace(self, transformer_blocks_packed=packed[:n], text_encoder_blocks_packed=packed[n:])
 
 
 def transformer_block_names(transformer) -> list[str]:
@@ -275,7 +292,7 @@ class MemoryPlan:
         total = sum(self._block_bytes(i, w) for i, (n, w) in enumerate(self.blocks)
                     if w == Where.PINNED or n in cached)
         if self.text_encoder == "streamed" and self.text_encoder_host == Where.PINNED:
-            total += sum(self.sizes.text_encoder_blocks)
+            total += self.sizes.text_encoder_pinned(self.storage, self.matmul)
         if self.device != "cpu":
             total += self.sizes.vae  # its pinned copy for the decodes
         return total
@@ -487,8 +504,7 @@ def plan_memory(sizes: ModelSizes, device: torch.device | str, budget_gb: float 
             if dequantised and any(w == Where.PINNED for _, w in streamed) else 0
         return staging + fp8_compute
 
-    te_stream = sizes.text_encoder_stem + min(n_buffers, len(sizes.text_encoder_blocks)) * max(
-        sizes.text_encoder_blocks) + ENCODE_WORK_BYTES
+    te_stream = sizes.text_encoder_streaming(min(n_buffers, len(sizes.text_encoder_blocks)), storage, matmul)
 
     def phases(where: list[Where], tiled: bool) -> dict[str, int]:
         res = sizes.transformer_stem + sum(stage(i, w) for i, w in enumerate(where) if w == Where.GPU)
@@ -521,7 +537,8 @@ def plan_memory(sizes: ModelSizes, device: torch.device | str, budget_gb: float 
                 "other GPU programs.")
     where, pinned, tiled, ph = chosen
     placed = tuple((name, w) for (name, _), w in zip(sizes.transformer_blocks, where))
-    te_host = Where.PINNED if not encodes or pinned + sum(sizes.text_encoder_blocks) <= host_budget else Where.MAPPED
+    te_host = Where.PINNED if not encodes or pinned + sizes.text_encoder_pinned(storage, matmul) <= host_budget \
+        else Where.MAPPED
     plan = MemoryPlan(str(device), budget, host_budget, height, width, batch, storage, placed, "streamed",
                       te_host, tiled, sizes, ph, matmul, n_buffers=n_buffers)
     if not cache_resident:
@@ -573,7 +590,7 @@ def plan_devices(sizes: ModelSizes, devices: list[str], budgets_gb: list[float],
     probe = MemoryPlan("cuda", 0, 0, height, width, batch, storage, (), "", Where.CPU, False, sizes, {}, matmul)
     block = [probe._block_bytes(i, Where.GPU) for i in range(len(names))]
     n_buffers = buffers_for(storage, matmul)
-    te_stream = sizes.text_encoder_stem + n_buffers * max(sizes.text_encoder_blocks) + ENCODE_WORK_BYTES
+    te_stream = sizes.text_encoder_streaming(n_buffers, storage, matmul)
     fixed = CUDA_CONTEXT_BYTES + SLACK_BYTES + denoise_work_bytes(height, width, batch) + n_buffers * max(block)
     room = []
     for i, (d, b) in enumerate(zip(devices, budgets_gb)):

@@ -425,13 +425,18 @@ class TextEncoderHandle:
         the mapped file. Pinning 8 GB costs seconds; doing it for the first prompt held up the
         first image, and doing it in a background thread slowed the sampling it overlapped (the
         page-locking contends with the kernel launches)."""
+        packed = plan.storage == Storage.PACKED and plan.matmul == Matmul.BF16
+        storage = Storage.PACKED.value if packed else "bf16"
+        device = torch.device(plan.text_encoder_device)
+        work = device if packed and device.type == "cuda" else None
+
         def make(where: Where) -> dict[str, HostBlock]:
-            return {n: host_block(self.component, "text_encoder", n, where, "bf16", self.runtime.dtype,
-                                  plan.host_budget_bytes) for n in self._names}
+            return {n: host_block(self.component, "text_encoder", n, where, storage, self.runtime.dtype,
+                                  plan.host_budget_bytes, work) for n in self._names}
         if plan.text_encoder_host != Where.PINNED:
             return make(Where.MAPPED)
         if self._pinned is None and (self.encodes > 0 or all(
-                HOST_CACHE.find(host_key(self.component, "text_encoder", n, "bf16", self.runtime.dtype))
+                HOST_CACHE.find(host_key(self.component, "text_encoder", n, storage, self.runtime.dtype))
                 for n in self._names)):
             self._pinned = make(Where.PINNED)
         return self._pinned if self._pinned is not None else make(Where.MAPPED)

@@ -192,3 +192,25 @@ def test_packed_streamed_blocks_give_the_resident_run_s_bits(tiny, pack):
     host = parts.transformer.last_streamer.blocks[0][1]
     assert host.storage == "packed" and any(e.packed for e in host.entries)
     assert torch.equal(reference, streamed)
+
+
+def test_packed_text_encoder_layers_encode_to_the_same_bits(tiny, pack):
+    from test_streaming import use_plan
+
+    from zimage_nodes.loaders.pipeline_loading import load_parts
+
+    parts = load_parts(tiny["diffusers"], device="cpu", dtype=torch.bfloat16, storage="packed")
+    te = parts.text_encoder
+    sizes = parts.runtime.sizes
+    assert len(sizes.text_encoder_blocks_packed) == len(sizes.text_encoder_blocks)
+    assert all(p < b for p, b in zip(sizes.text_encoder_blocks_packed, sizes.text_encoder_blocks))
+    outputs = {}
+    for storage in ("bf16", "packed"):  # the same streamed path, the layers pinned as bf16 or packed
+        use_plan(parts, ["gpu"] * 4, storage=storage, text_encoder="streamed", te_host="pinned")
+        te.release()
+        te._cache.clear()
+        te.encode("a warm-up prompt: the first prompt streams from the file, later ones pinned")
+        outputs[storage] = te.encode("a lighthouse at dusk")
+    assert torch.equal(outputs["packed"], outputs["bf16"])
+    assert te._pinned is not None and all(h.storage == "packed" and h.dequantized for h in te._pinned.values())
+    assert parts.runtime.plan.pinned_bytes < dataclasses.replace(parts.runtime.plan, storage="bf16").pinned_bytes

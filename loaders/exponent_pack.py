@@ -60,7 +60,7 @@ def exponent_window(t: torch.Tensor, device: torch.device | None = None) -> tupl
 
 def packs(t: torch.Tensor) -> bool:
     """Whether `t` is a matrix this format takes once in bf16: 2-D, an even number of weights."""
-    return t.is_floating_point() and t.ndim == 2 and t.numel() % 2 == 0
+    return t.is_floating_point() and t.ndim == 2 and t.numel() > 0 and t.numel() % 2 == 0
 
 
 _WINDOWS = WeakIdKeyDictionary()

@@ -53,13 +53,19 @@ def fits(x: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor) -> bool:
             and freqs.shape == (x.shape[0], x.shape[1], x.shape[-1] // 2, 2))
 
 
+def _grid_launch(kernel, x: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor, eps: float, out: torch.Tensor,
+                 rows_per_program: int = _ROWS, warps: int = _WARPS) -> None:
+    """`kernel` (`_norm_rope`, or it wrapped for an operator) over x's rows."""
+    rows = x.numel() // x.shape[-1]
+    kernel[(triton.cdiv(rows, rows_per_program),)](x, weight, freqs, out, rows, x.shape[2], eps, D=x.shape[-1],
+                                                   R=rows_per_program, num_warps=warps)
+
+
 def _launch(x: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor, eps: float, out: torch.Tensor,
             rows_per_program: int = _ROWS, warps: int = _WARPS) -> bool:
     """(bench/kernel_options.py times other `rows_per_program` and `warps`.)"""
-    rows = x.numel() // x.shape[-1]
     with torch.cuda.device(x.device):  # Triton launches on the current device (gpu_kernels)
-        _norm_rope[(triton.cdiv(rows, rows_per_program),)](x, weight, freqs, out, rows, x.shape[2], eps,
-                                                           D=x.shape[-1], R=rows_per_program, num_warps=warps)
+        _grid_launch(_norm_rope, x, weight, freqs, eps, out, rows_per_program, warps)
     return True
 
 
@@ -78,9 +84,7 @@ def _register_op():
         @torch.library.triton_op("zimage::norm_rope", mutates_args=())
         def norm_rope_op(x: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor, eps: float) -> torch.Tensor:
             out = torch.empty_like(x)
-            rows = x.numel() // x.shape[-1]
-            torch.library.wrap_triton(_norm_rope)[(triton.cdiv(rows, _ROWS),)](
-                x, weight, freqs, out, rows, x.shape[2], eps, D=x.shape[-1], R=_ROWS, num_warps=_WARPS)
+            _grid_launch(torch.library.wrap_triton(_norm_rope), x, weight, freqs, eps, out)
             return out
     except RuntimeError:  # registered by another import of this file
         return getattr(torch.ops.zimage, "norm_rope", None)

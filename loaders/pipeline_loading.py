@@ -10,8 +10,8 @@ from . import component_loading
 from .errors import ZImageError
 from .fp8_matmul import check_supported
 from .host_cache import HOST_CACHE, source_key
-from .placement import GiB, Matmul, ModelSizes, Storage, available_host_bytes, plan_devices
-from .runtime import Runtime, TextEncoderHandle, TransformerHandle, VAEHandle, ZImagePipelineParts
+from .placement import GiB, Matmul, ModelSizes, Storage, available_host_bytes, packs_weights, plan_devices
+from .runtime import Runtime, TextEncoderHandle, TransformerHandle, VAEHandle, ZImagePipelineParts, free_device_cache
 from .tokenizer import load_tokenizer, tokenizer_folder
 
 
@@ -60,11 +60,10 @@ def load_parts(model: str, text_encoder: str | None = None, vae: str | None = No
                               found=f"hidden size {te.config['hidden_size']}",
                               fix="use the text encoder that belongs to this transformer (qwen_3_4b.safetensors).")
         tok = load_tokenizer(comfy_tokenizer or tokenizer_folder(model if os.path.isdir(model) else text_encoder))
-        packed = Storage(storage) == Storage.PACKED and matmul == Matmul.BF16
-        sizes = ModelSizes.of(t.module, te.module, v.module, dtype, vae_dtype, packed=packed,
-                              work_device=device if device.type == "cuda" else None)
-        if packed and device.type == "cuda":
-            torch.cuda.empty_cache()  # the counting's work memory: nothing of this load stays on the GPU
+        packed = packs_weights(storage, matmul)
+        sizes = ModelSizes.of(t.module, te.module, v.module, dtype, vae_dtype, packed=packed, work_device=device)
+        if packed:
+            free_device_cache(device)  # the counting's work memory: nothing of this load stays on the GPU
         # RAM the process's host cache already holds is RAM an automatic budget may count on: a
         # reload of these files finds its pinned copies there.
         free_host = available_host_bytes() + HOST_CACHE.nbytes

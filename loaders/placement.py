@@ -92,6 +92,11 @@ def buffers_for(storage: Storage, matmul: Matmul) -> int:
     return N_BUFFERS[Storage.FP8 if matmul == Matmul.FP8 else storage]
 
 
+def packs_weights(storage: Storage | str, matmul: Matmul | str) -> bool:
+    """Whether streamed weights are kept packed: packed storage, unless fp8 matmuls keep them fp8."""
+    return Storage(storage) == Storage.PACKED and Matmul(matmul) == Matmul.BF16
+
+
 @dataclass(frozen=True)
 class ModelSizes:
     """Bytes in the compute dtype, per part; blocks in the order the model calls them."""
@@ -126,7 +131,7 @@ class ModelSizes:
 
     def text_encoder_pinned(self, storage: Storage, matmul: Matmul) -> int:
         """Bytes of the text encoder's layers pinned for streaming (packed where measured)."""
-        if storage == Storage.PACKED and matmul == Matmul.BF16 and self.text_encoder_blocks_packed:
+        if packs_weights(storage, matmul) and self.text_encoder_blocks_packed:
             return sum(self.text_encoder_blocks_packed)
         return sum(self.text_encoder_blocks)
 
@@ -134,7 +139,7 @@ class ModelSizes:
         """GPU bytes of a streamed encode: stem, buffers and work. Packed layers add the shared bf16
         buffer they are unpacked into; the first prompt streams bf16 from the file, so the larger."""
         layers = n_buffers * max(self.text_encoder_blocks)
-        if storage == Storage.PACKED and matmul == Matmul.BF16 and self.text_encoder_blocks_packed:
+        if packs_weights(storage, matmul) and self.text_encoder_blocks_packed:
             layers = max(layers, n_buffers * max(self.text_encoder_blocks_packed) + max(self.text_encoder_blocks))
         return self.text_encoder_stem + layers + ENCODE_WORK_BYTES
 
@@ -172,8 +177,8 @@ class ModelSizes:
     def with_packed(self, transformer, text_encoder, dtype: torch.dtype,
                     work_device: torch.device | None = None) -> "ModelSizes":
         """These sizes with every block's and text encoder layer's packed size measured
-        (`packed_bytes`), the exponents
-        counted on `work_device` (None: the CPU). Several blocks at once: on a CPU a histogram runs
+        (`packed_bytes`), the exponents counted on `work_device` (None: where the weights are).
+        Several blocks at once: on a CPU a histogram runs
         on one core (the 34 blocks took 17 s one after another on a 16-core host, 3 s on all of
         them); on a GPU (1.9 s on an H100 host) the threads overlap reading the file, 4 at most to
         bound GPU memory."""
@@ -197,7 +202,7 @@ def packed_bytes(block, dtype: torch.dtype, work_device: torch.device | None = N
     """Bytes of `block`'s pinned copy with its matrices packed, as streaming lays it out."""
     from .streaming import stage_layout  # streaming's imports are heavier than the planner needs
     tensors = dict(block.named_parameters()) | dict(block.named_buffers())
-    return stage_layout(tensors, Storage.PACKED.value, dtype, work_device=work_device)[1]
+    return stage_layout(tensors, Storage.PACKED.value, dtype, work_device=work_device).stage_bytes
 
 
 def fp8_bytes(nbytes: int) -> int:
@@ -346,7 +351,7 @@ class MemoryPlan:
     @property
     def packed_fraction(self) -> float | None:
         """Packed storage: the streamed blocks' packed bytes over their bf16 bytes, as measured."""
-        if self.storage != Storage.PACKED or self.matmul == Matmul.FP8 or not self.sizes.transformer_blocks_packed:
+        if not packs_weights(self.storage, self.matmul) or not self.sizes.transformer_blocks_packed:
             return None
         streamed = [i for i, (_, w) in enumerate(self.blocks) if w == Where.PINNED]
         bf16 = sum(self.sizes.transformer_blocks[i][1] for i in streamed)

@@ -24,7 +24,7 @@ from .device_hops import DeviceHops
 from .fp8_matmul import linear_names, to_fp8_linears
 from .host_cache import HOST_CACHE, source_key
 from .pinned_memory import HostStage
-from .placement import ONCE_PER_CAPTION, Matmul, MemoryPlan, ModelSizes, Storage, Where, plan_devices
+from .placement import ONCE_PER_CAPTION, Matmul, MemoryPlan, ModelSizes, Storage, Where, packs_weights, plan_devices
 from .streaming import BlockStreamer, HostBlock, Slots
 
 PACKING_THREADS = 4  # packed host copies built at once (on a GPU each holds ~100 MB of work memory)
@@ -267,12 +267,11 @@ class TransformerHandle:
         # 8 GiB plan's 16 streamed blocks took ~6.5 s to build that way against ~7.7 on 16 CPU cores
         # (H100 host, file cached): what remains is reading and pinning. Other host copies are bound
         # by file reads, already threaded.
-        packing = storage == Storage.PACKED.value
-        work = self.runtime.device if packing and self.runtime.device.type == "cuda" else None
+        packing, work = storage == Storage.PACKED.value, self.runtime.device
         with ThreadPoolExecutor(PACKING_THREADS if packing else 1) as pool:
             hosts = list(pool.map(lambda nw: host_block(self.component, "transformer", *nw, storage, dtype,
                                                         plan.host_budget_bytes, work), streamed))
-        if work is not None:
+        if packing:
             free_device_cache(work)  # the packing's work memory, before the streamer's buffers
         self._host = {n: h for (n, _), h in zip(streamed, hosts)}
         self._plan = plan
@@ -425,10 +424,8 @@ class TextEncoderHandle:
         the mapped file. Pinning 8 GB costs seconds; doing it for the first prompt held up the
         first image, and doing it in a background thread slowed the sampling it overlapped (the
         page-locking contends with the kernel launches)."""
-        packed = plan.storage == Storage.PACKED and plan.matmul == Matmul.BF16
-        storage = Storage.PACKED.value if packed else "bf16"
-        device = torch.device(plan.text_encoder_device)
-        work = device if packed and device.type == "cuda" else None
+        storage = Storage.PACKED.value if packs_weights(plan.storage, plan.matmul) else "bf16"
+        work = torch.device(plan.text_encoder_device)  # where packing runs
 
         def make(where: Where) -> dict[str, HostBlock]:
             return {n: host_block(self.component, "text_encoder", n, where, storage, self.runtime.dtype,

@@ -66,14 +66,24 @@ class _Entry:
         return n
 
 
+@dataclass
+class Layout:
+    """A block's buffers: its entries, the staging buffer's bytes (what is copied) and the compute
+    buffer's (what fp8 and packed matrices become). Packed matrices' values listed apart (`listed`
+    of them) end the staging buffer: their places (int64) at `listed_at_off`, their bits (int16) at
+    `listed_bits_off`."""
+    entries: list[_Entry]
+    stage_bytes: int
+    compute_bytes: int
+    listed: int
+    listed_at_off: int
+    listed_bits_off: int
+
+
 def stage_layout(tensors: dict[str, torch.Tensor], storage: str, compute_dtype: torch.dtype,
-                 fp8_matmul: bool = False, work_device: torch.device | None = None
-                 ) -> tuple[list[_Entry], int, int, int]:
-    """Where each of a block's `tensors` goes in the staging buffer (what is copied) and the compute
-    buffer (what fp8 and packed matrices become): (entries, staging bytes, compute bytes, values
-    listed apart). Packed matrices are followed by their listed values' places (int64) and bits
-    (int16), at the end of the staging buffer. A matrix that would not shrink stays bf16.
-    `work_device`: where packed matrices' exponents are counted (None: where they are)."""
+                 fp8_matmul: bool = False, work_device: torch.device | None = None) -> Layout:
+    """Where each of a block's `tensors` goes (see Layout). A matrix that would not shrink packed
+    stays bf16. `work_device`: where packed matrices' exponents are counted (None: where they are)."""
     entries: list[_Entry] = []
     stage = compute = listed = 0
     for n, t in tensors.items():
@@ -101,8 +111,9 @@ def stage_layout(tensors: dict[str, torch.Tensor], storage: str, compute_dtype: 
         if not (quant and fp8_matmul):
             compute = _align(compute + nbytes)
         entries.append(e)
-    stage += _align(8 * listed) + _align(2 * listed)
-    return entries, stage, compute, listed
+    listed_at = stage
+    listed_bits = listed_at + _align(8 * listed)
+    return Layout(entries, listed_bits + _align(2 * listed), compute, listed, listed_at, listed_bits)
 
 
 class HostBlock:
@@ -119,14 +130,14 @@ class HostBlock:
             storage = "bf16"  # 12-bit packing is of bf16 bits, made when the host copy is built
         self.name, self.storage, self.pinned, self.fp8_matmul = name, storage, pinned, fp8_matmul
         tensors = dict(module.named_parameters()) | dict(module.named_buffers())
-        self.entries, self.stage_bytes, self.compute_bytes, listed = stage_layout(tensors, storage, compute_dtype,
-                                                                                  fp8_matmul, work_device)
-        self.listed = listed  # packed: how many values are listed apart, and where their places and bits are
-        self.listed_at_off = self.stage_bytes - _align(2 * listed) - _align(8 * listed)
-        self.listed_bits_off = self.stage_bytes - _align(2 * listed)
+        layout = stage_layout(tensors, storage, compute_dtype, fp8_matmul, work_device)
+        self.entries, self.stage_bytes, self.compute_bytes = layout.entries, layout.stage_bytes, layout.compute_bytes
+        # packed: how many values are listed apart, and where their places and bits are
+        self.listed, self.listed_at_off = layout.listed, layout.listed_at_off
+        self.listed_bits_off = layout.listed_bits_off
         self.quantized = storage == "fp8"
-        # fp8 or packed in RAM, bf16 for compute
-        self.dequantized = (self.quantized and not fp8_matmul) or any(e.packed for e in self.entries)
+        self.packed = any(e.packed for e in self.entries)
+        self.dequantized = (self.quantized and not fp8_matmul) or self.packed  # fp8 or packed in RAM, bf16 for compute
         self.chunks = ChunkTable.of([
             (e.stage_off, e.scale_off, e.compute_off // 2, e.shape[0], e.numel // e.shape[0])
             for e in self.entries if e.stage_dtype == FP8]) \
@@ -204,7 +215,7 @@ class HostBlock:
         """fp8 entries of `stage` -> bf16 in `compute` (on the current stream): one kernel launch for
         the block where block_dequant can, else a compiled kernel per matrix. `tables`: the
         caller's device copies of chunk tables, by layout."""
-        if self.packs is not None or any(e.packed for e in self.entries):
+        if self.packed:
             self._unpack(stage, compute, tables)
             return
         if self.chunks is not None:

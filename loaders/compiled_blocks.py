@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .placement import ONCE_PER_CAPTION, transformer_block_names
+from .model_sizes import transformer_block_names
+from .placement import ONCE_PER_CAPTION
 
 # Enough for the three block kinds (noise refiner, context refiner, layer), a static and a
 # dynamic graph each, with room for the attention backends a user switches between.

@@ -10,7 +10,8 @@ from . import component_loading
 from .errors import ZImageError
 from .fp8_matmul import check_supported
 from .host_cache import HOST_CACHE, source_key
-from .placement import GiB, Matmul, ModelSizes, Storage, available_host_bytes, packs_weights, plan_devices
+from .model_sizes import ModelSizes
+from .placement import GiB, Matmul, Storage, available_host_bytes, packs_weights, plan_devices
 from .runtime import Runtime, TextEncoderHandle, TransformerHandle, VAEHandle, ZImagePipelineParts, free_device_cache
 from .tokenizer import load_tokenizer, tokenizer_folder
 

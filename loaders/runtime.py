@@ -23,8 +23,9 @@ from .device_copy import Copy, device_copy
 from .device_hops import DeviceHops
 from .fp8_matmul import linear_names, to_fp8_linears
 from .host_cache import HOST_CACHE, source_key
+from .model_sizes import ModelSizes
 from .pinned_memory import HostStage
-from .placement import ONCE_PER_CAPTION, Matmul, MemoryPlan, ModelSizes, Storage, Where, packs_weights, plan_devices
+from .placement import ONCE_PER_CAPTION, Matmul, MemoryPlan, Storage, Where, packs_weights, plan_devices
 from .streaming import BlockStreamer, HostBlock, Slots
 
 PACKING_THREADS = 4  # packed host copies built at once (on a GPU each holds ~100 MB of work memory)

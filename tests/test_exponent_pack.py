@@ -133,7 +133,7 @@ def test_float32_compute_or_a_mapped_copy_is_not_packed(pack):
 
 def test_the_planner_counts_the_packed_copies_as_they_are_built(tiny, pack):
     from zimage_nodes.loaders import component_loading
-    from zimage_nodes.loaders.placement import ModelSizes, transformer_block_names
+    from zimage_nodes.loaders.model_sizes import ModelSizes, transformer_block_names
     from zimage_nodes.loaders.streaming import HostBlock
 
     t = component_loading.load_transformer(tiny["diffusers"], torch.bfloat16).module
@@ -147,7 +147,8 @@ def test_the_planner_counts_the_packed_copies_as_they_are_built(tiny, pack):
 
 
 def test_packed_storage_streams_three_quarters_of_the_bytes(pack):
-    from zimage_nodes.loaders.placement import ModelSizes, plan_memory
+    from zimage_nodes.loaders.model_sizes import ModelSizes
+    from zimage_nodes.loaders.placement import plan_memory
 
     blocks = tuple((f"layers.{i}", 390 * 2**20) for i in range(30))
     sizes = ModelSizes(2**28, blocks, 2**29, 2**20, (200 * 2**20,) * 36, 160 * 2**20)
@@ -166,7 +167,8 @@ def test_packed_storage_streams_three_quarters_of_the_bytes(pack):
 
 
 def test_each_gpu_s_share_keeps_its_blocks_packed_sizes(pack):
-    from zimage_nodes.loaders.placement import ModelSizes, plan_devices
+    from zimage_nodes.loaders.model_sizes import ModelSizes
+    from zimage_nodes.loaders.placement import plan_devices
 
     blocks = tuple((f"layers.{i}", 390 * 2**20) for i in range(30))
     sizes = ModelSizes(2**28, blocks, 2**29, 2**20, (200 * 2**20,) * 36, 160 * 2**20,

@@ -15,7 +15,7 @@ def sizes(pack):
     from transformers import Qwen3Config, Qwen3Model
 
     from zimage_nodes.loaders.model_detection import scaffold_config
-    from zimage_nodes.loaders.placement import ModelSizes
+    from zimage_nodes.loaders.model_sizes import ModelSizes
 
     with torch.device("meta"):
         t = ZImageTransformer2DModel(**scaffold_config("transformer"))

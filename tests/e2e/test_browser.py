@@ -174,7 +174,8 @@ def gpu_plan(budget_gb: float) -> str:
     from transformers import Qwen3Config, Qwen3Model
 
     from zimage_nodes.loaders.model_detection import scaffold_config
-    from zimage_nodes.loaders.placement import GiB, ModelSizes, plan_memory
+    from zimage_nodes.loaders.model_sizes import ModelSizes
+    from zimage_nodes.loaders.placement import GiB, plan_memory
 
     with torch.device("meta"):
         t = ZImageTransformer2DModel(**scaffold_config("transformer"))

@@ -495,6 +495,54 @@ def silu_gate():
     print("silu_gate", r, flush=True)
 
 
+def fp8_rows():
+    """Activations quantised to fp8 rows (loaders/fp8_rows.py) at a step's shapes: PyTorch's path
+    (the norm or gate, then amax and division) against the Triton kernels that write the rows in
+    the pass that makes them (GPU ms from CUDA-graph replays; whether their bits agree), and the
+    fp8 GEMMs with and without fast accumulation."""
+    from loaders import fp8_rows as fr
+    from loaders import modulation
+    from loaders import silu_gate as sg
+
+    dim, hidden, tokens = (3840, 10240, 4128) if CUDA else (64, 160, 48)
+    torch.manual_seed(0)
+    norm = torch.nn.RMSNorm(dim, eps=1e-5, device=DEV, dtype=DT)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(dim))
+    x = torch.randn(1, tokens, dim, device=DEV, dtype=DT)
+    raw = (0.5 * torch.randn(1, 1, dim, device=DEV)).to(DT)
+    a = torch.randn(1, tokens, hidden, device=DEV, dtype=DT) * 3
+    b = torch.randn(1, tokens, hidden, device=DEV, dtype=DT)
+
+    def torch_rows(t):
+        return fr.quantize_torch(t.reshape(-1, t.shape[-1]))
+
+    r: dict = {}
+    with torch.no_grad():
+        for name, plain, fused in (
+                ("quantize", lambda: torch_rows(x), lambda: fr.quantize(x.reshape(-1, dim))),
+                ("norm_scale", lambda: torch_rows(modulation.norm_scale(x, norm, raw, raw=True)),
+                 lambda: modulation.norm_scale(x, norm, raw, raw=True, fp8=True)),
+                ("silu_mul", lambda: torch_rows(sg.silu_mul(a, b)), lambda: sg.silu_mul(a, b, fp8=True))):
+            want, got = plain(), fused()
+            same = isinstance(got, fr.Fp8Rows) and torch.equal(got.q.reshape(want.q.shape).view(torch.uint8),
+                                                               want.q.view(torch.uint8)) \
+                and torch.equal(got.scale, want.scale)
+            r[name] = {"plain_ms": replayed_ms(plain) if CUDA else timed(plain),
+                       "kernel_ms": replayed_ms(fused) if CUDA else timed(fused), "same_bits": same}
+        if CUDA:
+            from loaders.fp8_matmul import fp8_quantize
+
+            for k, n in ((dim, dim), (dim, hidden), (hidden, dim)):
+                xq = fr.quantize(torch.randn(tokens, k, device=DEV, dtype=DT))
+                wq, ws = fp8_quantize(torch.randn(n, k, device=DEV, dtype=DT) * 0.02)
+                for fast in (False, True):
+                    r[f"gemm_{k}x{n}_fast_accum_{fast}_ms"] = timed(lambda fast=fast: torch._scaled_mm(
+                        xq.q, wq.t(), scale_a=xq.scale, scale_b=ws[None, :], out_dtype=DT, use_fast_accum=fast))
+    R["fp8_rows"] = r
+    print("fp8_rows", r, flush=True)
+
+
 def replayed_ms(fn, calls: int = 20) -> float:
     """GPU milliseconds per call of `fn`, captured `calls` times in a CUDA graph and replayed."""
     fn()
@@ -508,7 +556,7 @@ def replayed_ms(fn, calls: int = 20) -> float:
 
 def main():
     parts = (gemms, attention, dequantize, exponent_unpack, vae_decode, compiled_block, norm_rope_kernel,
-             modulation_kernels, silu_gate)
+             modulation_kernels, silu_gate, fp8_rows)
     wanted = os.environ.get("PARTS", ",".join(p.__name__ for p in parts)).split(",")
     for part in (p for p in parts if p.__name__ in wanted):
         try:

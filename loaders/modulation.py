@@ -20,7 +20,10 @@ import functools
 import torch
 from torch import nn
 
+from . import fp8_rows
 from .class_swap import ClassSwap
+from .fp8_matmul import Fp8Linear
+from .fp8_rows import Fp8Rows
 from .gpu_kernels import Guarded
 
 try:  # Triton ships with PyTorch's CUDA wheels on Linux; not on CPU builds, often not on Windows
@@ -47,15 +50,18 @@ if triton is not None:
         return (y * rstd * tl.load(w_ptr + d, mask=m, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
 
     @triton.jit
-    def _norm_scale(x_ptr, w_ptr, s_ptr, out_ptr, tokens, s_stride, eps, D: tl.constexpr, BLOCK: tl.constexpr,
-                    RAW: tl.constexpr):
+    def _norm_scale(x_ptr, w_ptr, s_ptr, out_ptr, out_scale_ptr, tokens, s_stride, eps, D: tl.constexpr,
+                    BLOCK: tl.constexpr, RAW: tl.constexpr, FP8: tl.constexpr):
         row, d, m = _this_row(D, BLOCK)
-        dt = out_ptr.dtype.element_ty
+        dt = x_ptr.dtype.element_ty
         y = _normed_row(x_ptr, w_ptr, row * D + d, d, m, eps, D, dt)
         s = tl.load(s_ptr + (row // tokens) * s_stride + d, mask=m, other=0.0).to(tl.float32)
         if RAW:  # the modulation's raw output: 1 + s, rounded as the eager add rounds it
             s = (1.0 + s).to(dt).to(tl.float32)
-        tl.store(out_ptr + row * D + d, (y * s).to(dt), mask=m)
+        if FP8:  # the product rounded as above, then written as an fp8 row and its scale (fp8_rows)
+            fp8_rows.store_row((y * s).to(dt).to(tl.float32), m, out_ptr, out_scale_ptr, row, row * D + d)
+        else:
+            tl.store(out_ptr + row * D + d, (y * s).to(dt), mask=m)
 
     @triton.jit
     def _gated_residual(x_ptr, g_ptr, y_ptr, w_ptr, out_ptr, tokens, g_stride, eps, D: tl.constexpr,
@@ -88,29 +94,42 @@ def _norm_weight(norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
 
 
 def _run(kernel_name: str, x: torch.Tensor, args: tuple, vec: torch.Tensor, eps: float,
-         raw: bool = False) -> torch.Tensor:
-    """(`raw` for norm_scale only: the kernel adds the 1.)"""
-    out = torch.empty_like(x)
+         raw: bool = False, fp8: bool = False) -> torch.Tensor | Fp8Rows:
+    """(`raw` and `fp8` for norm_scale only: the kernel adds the 1; it writes fp8 rows.)"""
     tokens, dim = x.shape[1], x.shape[2]
     with torch.cuda.device(x.device):  # Triton launches on the current device (gpu_kernels)
-        kernel, extra = (_norm_scale, {"RAW": raw}) if kernel_name == "norm_scale" else (_gated_residual, {})
-        kernel[(x.shape[0] * tokens,)](*args, out, tokens, vec.stride(0), eps, D=dim,
-                                       BLOCK=triton.next_power_of_2(dim), num_warps=_WARPS, **extra)
+        if kernel_name == "norm_scale":
+            out = fp8_rows.empty_rows(x) if fp8 else torch.empty_like(x)
+            dest = (out.q, out.scale) if fp8 else (out, out)
+            _norm_scale[(x.shape[0] * tokens,)](*args, *dest, tokens, vec.stride(0), eps, D=dim,
+                                                BLOCK=triton.next_power_of_2(dim), num_warps=_WARPS, RAW=raw, FP8=fp8)
+        else:
+            out = torch.empty_like(x)
+            _gated_residual[(x.shape[0] * tokens,)](*args, out, tokens, vec.stride(0), eps, D=dim,
+                                                    BLOCK=triton.next_power_of_2(dim), num_warps=_WARPS)
     return out
 
 
 launch = Guarded(_run)
 
 
-def norm_scale(x: torch.Tensor, norm: nn.Module, scale: torch.Tensor, raw: bool = False) -> torch.Tensor:
+def norm_scale(x: torch.Tensor, norm: nn.Module, scale: torch.Tensor, raw: bool = False,
+               fp8: bool = False) -> torch.Tensor | Fp8Rows:
     """`norm(x) * scale` (an RMSNorm with a weight; scale [batch, 1, dim]); with `raw`, `scale` is
-    the modulation's output and the factor `1 + scale` (added in the kernel: one launch less)."""
+    the modulation's output and the factor `1 + scale` (added in the kernel: one launch less).
+    `fp8`: for fp8 matmuls, its rows quantised in the same pass (`Fp8Rows`) where the kernel runs."""
     w = _norm_weight(norm, x)
     if w is not None and fits(x, scale):
-        out = launch("norm_scale", x, (x, w, scale), scale, float(norm.eps), raw)
+        out = launch("norm_scale", x, (x, w, scale), scale, float(norm.eps), raw, fp8)
         if out is not None:
             return out
     return norm(x) * ((1.0 + scale) if raw else scale)
+
+
+def _fp8_input(x: torch.Tensor, *linears: nn.Module) -> bool:
+    """Whether these linear layers, all fed x, multiply its rows in fp8 (they take Fp8Rows)."""
+    rows = x.numel() // x.shape[-1]
+    return all(isinstance(m, Fp8Linear) and m.takes_rows(rows) for m in linears)
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -141,11 +160,14 @@ def _classes():
             mod = self.adaLN_modulation(adaln_input).unsqueeze(1)
             scale_msa, _, scale_mlp, _ = mod.chunk(4, dim=2)
             _, gate_msa, _, gate_mlp = mod.tanh().chunk(4, dim=2)
-            attn_out = self.attention(norm_scale(x, self.attention_norm1, scale_msa, raw=True),
-                                      attention_mask=attn_mask, freqs_cis=freqs_cis)
+            # with fp8 matmuls, q, k and v (w1 and w3) take one quantised copy of their input
+            att, ff = self.attention, self.feed_forward
+            fp8 = _fp8_input(x, att.to_q, att.to_k, att.to_v)
+            h = norm_scale(x, self.attention_norm1, scale_msa, raw=True, fp8=fp8)
+            attn_out = att(h, attention_mask=attn_mask, freqs_cis=freqs_cis)
             x = gated_residual(x, gate_msa, attn_out, self.attention_norm2)
-            return gated_residual(x, gate_mlp, self.feed_forward(norm_scale(x, self.ffn_norm1, scale_mlp, raw=True)),
-                                  self.ffn_norm2)
+            h = norm_scale(x, self.ffn_norm1, scale_mlp, raw=True, fp8=_fp8_input(x, ff.w1, ff.w3))
+            return gated_residual(x, gate_mlp, ff(h), self.ffn_norm2)
 
     return ZImageTransformerBlock, FusedModulationBlock
 

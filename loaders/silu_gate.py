@@ -7,6 +7,9 @@ inputs once and writes the product, with the eager ops' arithmetic and roundings
 with CUDA's own `expf` and IEEE division, rounded to the activations' dtype, then the product in
 float32, rounded again. On a GPU it gives eager's bits.
 
+Before an fp8 w2 (fp8_matmul), a row at a time: the product rounded as above, then written as an
+fp8 row and its scale (fp8_rows), which w2 takes as it is.
+
 `use_fused_gate` gives Z-Image's feed-forward modules a forward that calls it on GPUs, eagerly;
 under torch.compile (which fuses the two itself), on a CPU, without Triton, or once a launch
 failed, the two PyTorch ops run.
@@ -19,7 +22,10 @@ import os
 import torch
 import torch.nn.functional as F
 
+from . import fp8_rows
 from .class_swap import ClassSwap
+from .fp8_matmul import Fp8Linear
+from .fp8_rows import Fp8Rows
 from .gpu_kernels import Guarded
 
 try:  # Triton ships with PyTorch's CUDA wheels on Linux; not on CPU builds, often not on Windows
@@ -34,10 +40,8 @@ _CUDA_EXP = os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
 
 if triton is not None:
     @triton.jit
-    def _silu_mul(a_ptr, b_ptr, out_ptr, n, BLOCK: tl.constexpr, CUDA_EXP: tl.constexpr):
-        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        m = i < n
-        dt = out_ptr.dtype.element_ty
+    def _gate(a_ptr, b_ptr, i, m, dt, CUDA_EXP: tl.constexpr):
+        """silu(a) * b at offsets i, rounded to `dt` as eager rounds it, in float32."""
         a = tl.load(a_ptr + i, mask=m, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + i, mask=m, other=0.0).to(tl.float32)
         if CUDA_EXP:  # CUDA's expf, as PyTorch's SiLU calls it (tl.exp is a faster approximation)
@@ -45,7 +49,22 @@ if triton is not None:
         else:  # Triton's interpreter (tests on CPUs) has no libdevice
             e = tl.exp(-a)
         s = tl.math.div_rn(a, 1.0 + e).to(dt).to(tl.float32)  # F.silu's result
-        tl.store(out_ptr + i, (s * b).to(dt), mask=m)
+        return (s * b).to(dt).to(tl.float32)
+
+    @triton.jit
+    def _silu_mul(a_ptr, b_ptr, out_ptr, n, BLOCK: tl.constexpr, CUDA_EXP: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = i < n
+        dt = out_ptr.dtype.element_ty
+        tl.store(out_ptr + i, _gate(a_ptr, b_ptr, i, m, dt, CUDA_EXP).to(dt), mask=m)
+
+    @triton.jit
+    def _silu_mul_rows(a_ptr, b_ptr, q_ptr, s_ptr, D: tl.constexpr, BLOCK: tl.constexpr, CUDA_EXP: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        d = tl.arange(0, BLOCK)
+        m = d < D
+        at = row * D + d
+        fp8_rows.store_row(_gate(a_ptr, b_ptr, at, m, a_ptr.dtype.element_ty, CUDA_EXP), m, q_ptr, s_ptr, row, at)
 
 
 def fits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -67,9 +86,26 @@ def _run(a: torch.Tensor, b: torch.Tensor, block: int = _BLOCK, warps: int = _WA
 launch = Guarded(_run)
 
 
-def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`F.silu(a) * b`."""
+def _run_rows(a: torch.Tensor, b: torch.Tensor) -> Fp8Rows:
+    out = fp8_rows.empty_rows(a)
+    dim = a.shape[-1]
+    with torch.cuda.device(a.device):
+        _silu_mul_rows[(a.numel() // dim,)](a, b, out.q, out.scale, D=dim, BLOCK=triton.next_power_of_2(dim),
+                                            num_warps=fp8_rows.warps_for(dim), CUDA_EXP=_CUDA_EXP)
+    return out
+
+
+launch_rows = Guarded(_run_rows)
+
+
+def silu_mul(a: torch.Tensor, b: torch.Tensor, fp8: bool = False) -> torch.Tensor | Fp8Rows:
+    """`F.silu(a) * b`; `fp8`: its rows quantised for an fp8 matmul in the same pass (`Fp8Rows`)
+    where the kernel runs."""
     if fits(a, b):
+        if fp8 and fp8_rows.fits(a):
+            rows = launch_rows(a, b)
+            if rows is not None:
+                return rows
         out = launch(a, b)
         if out is not None:
             return out
@@ -84,7 +120,9 @@ def _classes():
         """diffusers' Z-Image feed-forward (0.36-0.42) with its gate through `silu_mul`."""
 
         def forward(self, x):
-            return self.w2(silu_mul(self.w1(x), self.w3(x)))
+            a, b = self.w1(x), self.w3(x)
+            fp8 = isinstance(self.w2, Fp8Linear) and self.w2.takes_rows(a.numel() // a.shape[-1])
+            return self.w2(silu_mul(a, b, fp8))
 
     return FeedForward, FusedGateFeedForward
 

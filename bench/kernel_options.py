@@ -525,11 +525,13 @@ def fp8_rows():
                  lambda: modulation.norm_scale(x, norm, raw, raw=True, fp8=True)),
                 ("silu_mul", lambda: torch_rows(sg.silu_mul(a, b)), lambda: sg.silu_mul(a, b, fp8=True))):
             want, got = plain(), fused()
-            same = isinstance(got, fr.Fp8Rows) and torch.equal(got.q.reshape(want.q.shape).view(torch.uint8),
-                                                               want.q.view(torch.uint8)) \
-                and torch.equal(got.scale, want.scale)
             r[name] = {"plain_ms": replayed_ms(plain) if CUDA else timed(plain),
-                       "kernel_ms": replayed_ms(fused) if CUDA else timed(fused), "same_bits": same}
+                       "kernel_ms": replayed_ms(fused) if CUDA else timed(fused), **_rows_differ(got, want)}
+        if CUDA:
+            for block, warps in ((2048, 8), (4096, 8), (1024, 4), (2048, 4)):
+                fn = functools.partial(sg._run_rows, a, b, block, warps)
+                r[f"silu_mul_rows_{block}x{warps}"] = {"ms": replayed_ms(fn),
+                                                       **_rows_differ(fn(), torch_rows(sg.silu_mul(a, b)))}
         if CUDA:
             from loaders.fp8_matmul import fp8_quantize
 
@@ -541,6 +543,19 @@ def fp8_rows():
                         xq.q, wq.t(), scale_a=xq.scale, scale_b=ws[None, :], out_dtype=DT, use_fast_accum=fast))
     R["fp8_rows"] = r
     print("fp8_rows", r, flush=True)
+
+
+def _rows_differ(got, want) -> dict:
+    """How far fp8 rows `got` are from `want`: whether all bits agree, else how many values and
+    scales differ."""
+    from loaders.fp8_rows import Fp8Rows
+
+    if not isinstance(got, Fp8Rows):
+        return {"same_bits": False, "not_fp8_rows": True}
+    q = got.q.reshape(want.q.shape).view(torch.uint8) != want.q.view(torch.uint8)
+    s = got.scale != want.scale
+    return {"same_bits": not bool(q.any() or s.any()), "values_differing": int(q.sum()),
+            "scales_differing": int(s.sum())}
 
 
 def replayed_ms(fn, calls: int = 20) -> float:

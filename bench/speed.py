@@ -249,6 +249,7 @@ def main():
     configs = [  # label, attention, compiled, matmul, budget[, steps replayed from a CUDA graph where the plan allows]
         ("eager_sdpa_bf16", "sdpa", False, "bf16", 0), ("eager_cudnn_bf16", "sdpa_cudnn", False, "bf16", 0),
         ("eager_sdpa_bf16_no_graph", "sdpa", False, "bf16", 0, False),
+        ("eager_sdpa_fp8_no_graph", "sdpa", False, "fp8", 0, False),
         ("compiled_sdpa_fp8_no_graph", "sdpa", True, "fp8", 0, False),
         ("eager_sdpa_fp8", "sdpa", False, "fp8", 0),
         ("compiled_sdpa_bf16", "sdpa", True, "bf16", 0), ("compiled_cudnn_bf16", "sdpa_cudnn", True, "bf16", 0),

@@ -58,11 +58,15 @@ def quantize_torch(x2: torch.Tensor) -> Fp8Rows:
 
 if triton is not None:
     @triton.jit
+    def scale_of(amax):
+        """A row's scale from its absolute maximum (float32)."""
+        return tl.maximum(amax * (1.0 / 448.0), 1e-12)
+
+    @triton.jit
     def store_row(y, m, q_ptr, s_ptr, row, at):
         """Row `y` (float32, `m`: the columns that exist) as fp8 values at q_ptr + at, its scale at
         s_ptr + row."""
-        amax = tl.max(tl.where(m, tl.abs(y), 0.0), axis=0)
-        s = tl.maximum(amax * (1.0 / 448.0), 1e-12)
+        s = scale_of(tl.max(tl.where(m, tl.abs(y), 0.0), axis=0))
         tl.store(s_ptr + row, s)
         tl.store(q_ptr + at, tl.math.div_rn(y, s).to(q_ptr.dtype.element_ty), mask=m)
 

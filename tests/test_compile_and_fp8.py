@@ -41,6 +41,26 @@ def test_fp8_linear_is_close_to_the_bf16_linear_and_handles_few_rows(pack):
         assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.998
 
 
+def test_fp8_linear_takes_rows_quantised_by_their_producer_as_its_own(pack):
+    """A norm or gate that writes its output as fp8 rows hands them to the linear layers as they
+    are: the product equals the one from the bf16 activation, which the layer quantises the same
+    way (a scale of max|row| / 448 per row); rows of a few tokens are not fp8 GEMM rows."""
+    from zimage_nodes.loaders.fp8_matmul import Fp8Linear, fp8_quantize
+    from zimage_nodes.loaders.fp8_rows import FP8, Fp8Rows, quantize
+
+    torch.manual_seed(0)
+    w = torch.randn(96, 64) * 0.05
+    f = Fp8Linear(64, 96, None, *fp8_quantize(w))
+    x = torch.randn(2, 16, 64) * 3
+    x[0, 3] = 0  # an all-zero row keeps the smallest scale instead of dividing by zero
+    rows = quantize(x.reshape(-1, 64))
+    assert isinstance(rows, Fp8Rows) and rows.q.dtype == FP8 and rows.scale.shape == (32, 1)
+    assert torch.equal(rows.scale[:, 0], (x.reshape(-1, 64).abs().amax(1) * (1 / 448)).clamp(min=1e-12))
+    given = f(Fp8Rows(rows.q.reshape(2, 16, 64), rows.scale, x.dtype))
+    assert given.shape == (2, 16, 96) and torch.equal(given, f(x))
+    assert f.takes_rows(32) and not f.takes_rows(3) and not f.takes_rows(24)
+
+
 def test_fp8_matmul_run_is_close_to_bf16_and_streams_the_same_bits(tiny, pack):
     from zimage_nodes.loaders.fp8_matmul import Fp8Linear
 

@@ -12,7 +12,6 @@ from . import attention, compiled_blocks, sampling
 from .errors import ZImageError
 from .placement import DECODE_BLEND, DECODE_TILE
 from .runtime import VAEHandle, ZImagePipelineParts, free_device_cache
-from .step_graph import StepGraph
 
 
 def batch_captions(positive: torch.Tensor, negative: torch.Tensor | None, batch: int) -> list[torch.Tensor]:
@@ -78,7 +77,7 @@ def denoise(parts: ZImagePipelineParts, positive: torch.Tensor, negative: torch.
             compile_backend: str = "inductor", graph_steps: bool = True) -> tuple[torch.Tensor, DenoiseReport]:
     """Sample a LATENT (ComfyUI convention) from caption features `positive` [tokens, width].
     `compile_blocks`: the repeated blocks run through torch.compile (see compiled_blocks).
-    `graph_steps`: steps replay a CUDA graph where the plan allows it (MemoryPlan.replays_steps)."""
+    `graph_steps`: steps replay a CUDA graph where the plan allows it (step_graph)."""
     rt = parts.runtime
     backend = attention.resolve(attention_backend, rt.device)
     sampling.validate(steps, latent.shape[-2] * 8, latent.shape[-1] * 8, denoise)
@@ -103,8 +102,10 @@ def denoise(parts: ZImagePipelineParts, positive: torch.Tensor, negative: torch.
                 attention.attention_backend(tr, backend), \
                 compiled_blocks.compiled(tr, compile_blocks, compile_backend) as compile_report:
             v = Velocity(tr, captions, cfg, rt.dtype)
-            if graph_steps and steps > 1 and plan.replays_steps:
-                graph = StepGraph(v, rt.device)
+            if graph_steps and plan.replays_steps:
+                # what a step computes besides x and t (the captions: `new_captions`)
+                key = (id(tr), tuple(latent.shape), len(captions), cfg, backend, compile_blocks, compile_backend)
+                graph = parts.transformer.step_graph.start(v, rt.device, key, fresh=parts.transformer.new_captions)
             start = time.perf_counter()
             # No synchronisation per step: the GPU keeps its queue and the streamer its prefetch
             # across step boundaries; sample() returns a CPU tensor, which waits for the end.
@@ -115,8 +116,6 @@ def denoise(parts: ZImagePipelineParts, positive: torch.Tensor, negative: torch.
             graph.close()
         free_device_cache(rt.device, collect=True)  # activations of the failed step
         raise
-    if graph is not None:
-        graph.close()
     first = compile_report.seconds
     if compile_report.graphs and steps > 1:
         per_step = (total - first) / (steps - 1)  # the first step paid for compiling

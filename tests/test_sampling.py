@@ -155,20 +155,21 @@ def test_unchanged_prompt_is_not_encoded_again(parts, pack):
     assert te.encodes == before + 2
 
 
-def test_a_step_graph_that_cannot_capture_leaves_the_run_eager_and_says_why(parts, pack):
+def test_a_step_graph_that_cannot_capture_leaves_the_runs_eager_and_says_why(parts, pack):
     """CUDA graphs need a GPU: on this CPU the second step's capture fails for real, and every step
-    runs the model eagerly, to the same latents as a run that never tried."""
+    runs the model eagerly, to the same latents as a run that never tried; the next run with the
+    same key does not try again, one with another key does."""
     from zimage_nodes.loaders import sampling
     from zimage_nodes.loaders.generation import Velocity
     from zimage_nodes.loaders.step_graph import StepGraph
 
     pos = parts.text_encoder.encode("a fox")
     v = Velocity(parts.transformer.component.module, [pos], 1.0, torch.float32)
-    graph = StepGraph(v, torch.device("cpu"))
-    begin = sampling.start(torch.zeros(1, 16, 8, 8), 7, 3, "euler")
-    got = sampling.sample(graph, begin, "euler")
+    graph = StepGraph()
     want = sampling.sample(v, sampling.start(torch.zeros(1, 16, 8, 8), 7, 3, "euler"), "euler")
-    assert torch.equal(got, want)
-    assert graph.calls == 3 and graph.replays == 0
-    assert graph.failed and "CUDA graph failed, steps ran eager" in graph.summary()
+    for key, captures in (("a", 1), ("a", 1), ("b", 2)):
+        got = sampling.sample(graph.start(v, torch.device("cpu"), key), sampling.start(torch.zeros(1, 16, 8, 8), 7, 3,
+                                                                                         "euler"), "euler")
+        assert torch.equal(got, want) and graph.calls == 3 and graph.replays == 0 and graph.captures == captures
+        assert "CUDA graph failed, steps ran eager" in graph.summary()
     graph.close()

@@ -546,6 +546,9 @@ def fp8_rows():
                 for fast in (False, True):
                     r[f"gemm_{k}x{n}_fast_accum_{fast}_ms"] = timed(lambda fast=fast: torch._scaled_mm(
                         xq.q, wq.t(), scale_a=xq.scale, scale_b=ws[None, :], out_dtype=DT, use_fast_accum=fast))
+                one = torch.ones((), device=DEV)  # one scale per tensor: the other kernel family
+                r[f"gemm_{k}x{n}_per_tensor_ms"] = timed(lambda: torch._scaled_mm(xq.q, wq.t(), scale_a=one,
+                                                                                  scale_b=one, out_dtype=DT))
     R["fp8_rows"] = r
     print("fp8_rows", r, flush=True)
 
@@ -563,6 +566,30 @@ def _rows_differ(got, want) -> dict:
             "scales_differing": int(s.sum())}
 
 
+def token_counts():
+    """A layer's bf16 GEMMs and cuDNN attention at token counts around a 1024x1024 step's (4096
+    image tokens plus 32 caption tokens, padded to 32): how much an unaligned count costs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if not CUDA:
+        return
+    dim, hidden, heads = 3840, 10240, 30
+    r: dict = {}
+    for tokens in (4096, 4128, 4160, 4224):
+        x = {k: torch.randn(tokens, k, device=DEV, dtype=DT) for k in (dim, hidden)}
+        layer = [(dim, dim)] * 4 + [(dim, hidden)] * 2 + [(hidden, dim)]  # q, k, v, out; w1, w3; w2
+        w = {kn: torch.randn(kn[1], kn[0], device=DEV, dtype=DT) * 0.02 for kn in set(layer)}
+        ms = timed(lambda: [F.linear(x[k], w[(k, n)]) for k, n in layer])
+        q = torch.randn(1, heads, tokens, dim // heads, device=DEV, dtype=DT)
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            att = timed(lambda: F.scaled_dot_product_attention(q, q, q))
+        flops = 2 * tokens * sum(k * n for k, n in layer)
+        r[tokens] = {"layer_gemms_ms": ms, "layer_gemm_TFLOPS": round(flops / ms / 1e9),
+                     "cudnn_attention_ms": att, "attention_TFLOPS": round(4 * tokens**2 * dim / att / 1e9)}
+    R["token_counts"] = r
+    print("token_counts", r, flush=True)
+
+
 def replayed_ms(fn, calls: int = 20) -> float:
     """GPU milliseconds per call of `fn`, captured `calls` times in a CUDA graph and replayed."""
     fn()
@@ -576,7 +603,7 @@ def replayed_ms(fn, calls: int = 20) -> float:
 
 def main():
     parts = (gemms, attention, dequantize, exponent_unpack, vae_decode, compiled_block, norm_rope_kernel,
-             modulation_kernels, silu_gate, fp8_rows)
+             modulation_kernels, silu_gate, fp8_rows, token_counts)
     wanted = os.environ.get("PARTS", ",".join(p.__name__ for p in parts)).split(",")
     for part in (p for p in parts if p.__name__ in wanted):
         try:

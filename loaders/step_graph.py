@@ -9,9 +9,10 @@ captured anew in every run, a graph cost an eager fp8 image on an H100 60 ms mor
 (bench/NOTES.md). So the graph is kept (on the transformer's handle) and replayed by every later
 run with the same key: the same model build, latent shape, CFG scale, attention backend, compile
 setting and caption features. A run whose captions are new (the context refiner computes their
-features at its first step, caption_refine) or whose key differs runs its first step eagerly,
-which also warms what a capture cannot do (cuDNN plans, Triton and torch.compile builds), and
-captures at its second. The graph holds a step's activations in a memory pool of its own until it
+features at its first step, caption_refine) runs eagerly: a new prompt each image would pay for a
+capture every time. A run with the last run's captions and no graph for its key runs its first
+step eagerly, which also warms what a capture cannot do (cuDNN plans, Triton and torch.compile
+builds), and captures at its second. The graph holds a step's activations in a memory pool of its own until it
 is closed: MemoryPlan.replays_steps allows it only where the budget has room for that beside every
 phase's peak. A capture that fails (a kernel library that cannot be captured, say) leaves the runs
 eager and says why.
@@ -35,7 +36,10 @@ class StepGraph:
         self.calls = self.replays = 0  # this run's
         self.captures = 0  # captures tried (for tests and reports)
         self._velocity: Velocity | None = None
+        self._device = torch.device("cpu")
         self._key: Hashable = None
+        self._next_key: Hashable = None  # this run's
+        self._may_capture = False  # this run's
         self._graph = None
         self._x = self._t = self._out = None
         self._kept: Velocity | None = None  # the captured one: its model and captions outlive the graph
@@ -43,9 +47,10 @@ class StepGraph:
     def start(self, velocity: Velocity, device: torch.device, key: Hashable, fresh: bool = False) -> StepGraph:
         """A run: `velocity` and everything it depends on besides x and t named by `key`; `fresh`:
         its first step computes what later steps reuse (new captions' refined features), so it may
-        not replay an earlier graph."""
+        not replay an earlier graph, and does not capture one."""
         if fresh or key != self._key:
             self.close()
+        self._may_capture = not fresh
         if key != self._failed_key:
             self.failed = None
         self._velocity, self._device, self._next_key = velocity, torch.device(device), key
@@ -55,7 +60,7 @@ class StepGraph:
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         if self._graph is None:
-            if self.failed is None and self.calls > 1:
+            if self.failed is None and self._may_capture and self.calls > 1:
                 self._capture(x, t)
             if self._graph is None:
                 return self._velocity(x, t)
@@ -103,4 +108,4 @@ class StepGraph:
             return f"CUDA graph failed, steps ran eager ({self.failed})"
         if self.replays:
             return f"CUDA graph: {self.replays} of {self.calls} steps replayed"
-        return "CUDA graph: none yet (captured at a run's second step)"
+        return "CUDA graph: none yet (captured in the next run with this prompt)"

@@ -422,6 +422,16 @@ def norm_rope_kernel():
     print("norm_rope", r, flush=True)
 
 
+def _seeded_norm(dim: int) -> torch.nn.RMSNorm:
+    """A block's RMSNorm with weights around 1, after seeding the generator (what follows draws
+    from it)."""
+    torch.manual_seed(0)
+    norm = torch.nn.RMSNorm(dim, eps=1e-5, device=DEV, dtype=DT)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(dim))
+    return norm
+
+
 def modulation_kernels():
     """The modulated block's norm x scale and gated residual (loaders/modulation.py) at a step's
     shape: the eager ops and the Triton kernels (GPU ms from CUDA-graph replays; their difference),
@@ -433,10 +443,7 @@ def modulation_kernels():
     from loaders.real_rope import use_real_rope
 
     dim, heads, tokens = (3840, 30, 4128) if CUDA else (64, 2, 48)
-    torch.manual_seed(0)
-    norm = torch.nn.RMSNorm(dim, eps=1e-5, device=DEV, dtype=DT)
-    with torch.no_grad():
-        norm.weight.copy_(1 + 0.1 * torch.randn(dim))
+    norm = _seeded_norm(dim)
     x = torch.randn(1, tokens, dim, device=DEV, dtype=DT)
     y = torch.randn(1, tokens, dim, device=DEV, dtype=DT) * 4
     scale = (1 + 0.3 * torch.randn(1, 1, dim, device=DEV)).to(DT)
@@ -510,10 +517,7 @@ def fp8_rows():
     from loaders import silu_gate as sg
 
     dim, hidden, tokens = (3840, 10240, 4128) if CUDA else (64, 160, 48)
-    torch.manual_seed(0)
-    norm = torch.nn.RMSNorm(dim, eps=1e-5, device=DEV, dtype=DT)
-    with torch.no_grad():
-        norm.weight.copy_(1 + 0.1 * torch.randn(dim))
+    norm = _seeded_norm(dim)
     x = torch.randn(1, tokens, dim, device=DEV, dtype=DT)
     raw = (0.5 * torch.randn(1, 1, dim, device=DEV)).to(DT)
     a = torch.randn(1, tokens, hidden, device=DEV, dtype=DT) * 3

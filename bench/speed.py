@@ -280,6 +280,9 @@ def main():
             R["runs"][label]["image_psnr_vs_eager_bf16_dB"] = round(psnr(img, ref), 2)
             R["runs"][label]["image_cosine_vs_eager_bf16"] = round(cosine(img, ref), 6)
             R["runs"][label]["image_bitwise_equal_eager_bf16"] = bool(torch.equal(img, ref))
+        graphed = images.get(label.removesuffix("_no_graph"))
+        if label.endswith("_no_graph") and graphed is not None and img is not None:
+            R["runs"][label]["image_bitwise_equal_with_graph"] = bool(torch.equal(img, graphed))
     save()
     for label in [c for c in os.environ.get("PROFILE", "").split(",") if c]:
         profile(parts, pos, label)

@@ -81,13 +81,12 @@ def configure(parts, budget_gb: float, matmul: str):
                           matmul=rt.matmul)
 
 
-def run_pack(parts, pos, label, attention="sdpa", compile_blocks=False, matmul="bf16", budget_gb=0.0, images=3,
-             graph_steps=True):
+def run_pack(parts, pos, label, attention="sdpa", compile_blocks=False, matmul="bf16", budget_gb=0.0, images=3):
     configure(parts, budget_gb, matmul)
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
     latent = torch.zeros(1, 16, RES // 8, RES // 8)
-    kw = dict(steps=STEPS, attention_backend=attention, compile_blocks=compile_blocks, graph_steps=graph_steps)
+    kw = dict(steps=STEPS, attention_backend=attention, compile_blocks=compile_blocks)
     sync()
     t0 = time.perf_counter()
     _, first = denoise(parts, pos, None, latent, seed=0, **kw)  # warm-up: replica, pinned copies, compile
@@ -109,7 +108,6 @@ def run_pack(parts, pos, label, attention="sdpa", compile_blocks=False, matmul="
         if s == 1:
             sample = img
         res["graphs_compiled_later"] = res.get("graphs_compiled_later", 0) + rep.compile_graphs
-        res["step_graph"] = rep.graph
     res.update({"s_per_image": round(statistics.median(t_img), 3),
                 "s_per_step": round(statistics.median(t_den) / STEPS, 4),
                 "peak_reserved_GiB": round(peak_reserved() / GiB, 2)})
@@ -246,11 +244,8 @@ def main():
     log("load_parts_s", round(time.perf_counter() - t0, 2))
     FULL_BUDGET_GB.append(parts.runtime.vram_budget_gb)
     pos = parts.text_encoder.encode("a red fox in the snow, photograph, 35mm")
-    configs = [  # label, attention, compiled, matmul, budget[, steps replayed from a CUDA graph where the plan allows]
+    configs = [  # label, attention, compiled, matmul, budget
         ("eager_sdpa_bf16", "sdpa", False, "bf16", 0), ("eager_cudnn_bf16", "sdpa_cudnn", False, "bf16", 0),
-        ("eager_sdpa_bf16_no_graph", "sdpa", False, "bf16", 0, False),
-        ("eager_sdpa_fp8_no_graph", "sdpa", False, "fp8", 0, False),
-        ("compiled_sdpa_fp8_no_graph", "sdpa", True, "fp8", 0, False),
         ("eager_sdpa_fp8", "sdpa", False, "fp8", 0),
         ("compiled_sdpa_bf16", "sdpa", True, "bf16", 0), ("compiled_cudnn_bf16", "sdpa_cudnn", True, "bf16", 0),
         ("compiled_sdpa_fp8", "sdpa", True, "fp8", 0),
@@ -260,9 +255,9 @@ def main():
     wanted = {c for c in os.environ.get("CONFIGS", "").split(",") if c}
     configs = [c for c in configs if not wanted or c[0] in wanted]
     images = {}
-    for label, att, comp, mm, budget, *graph in configs:
+    for label, att, comp, mm, budget in configs:
         try:
-            images[label] = run_pack(parts, pos, label, att, comp, mm, budget, graph_steps=all(graph))
+            images[label] = run_pack(parts, pos, label, att, comp, mm, budget)
         except Exception as e:
             R["runs"][label] = {"error": repr(e)[:500]}
             print(label, "FAILED", repr(e)[:500], flush=True)
@@ -280,9 +275,6 @@ def main():
             R["runs"][label]["image_psnr_vs_eager_bf16_dB"] = round(psnr(img, ref), 2)
             R["runs"][label]["image_cosine_vs_eager_bf16"] = round(cosine(img, ref), 6)
             R["runs"][label]["image_bitwise_equal_eager_bf16"] = bool(torch.equal(img, ref))
-        graphed = images.get(label.removesuffix("_no_graph"))
-        if label.endswith("_no_graph") and graphed is not None and img is not None:
-            R["runs"][label]["image_bitwise_equal_with_graph"] = bool(torch.equal(img, graphed))
     save()
     for label in [c for c in os.environ.get("PROFILE", "").split(",") if c]:
         profile(parts, pos, label)

@@ -51,14 +51,13 @@ class DenoiseReport:
     compiled: bool = False
     compile_graphs: int = 0  # graphs compiled in this run (0: reused from an earlier run)
     first_step_s: float = 0.0  # with compiled blocks: the first step, compilation included
-    graph: str = ""  # how the steps used a CUDA graph (StepGraph.summary); "" where none was tried
 
     def summary(self) -> str:
         out = f"attention {self.attention}, {self.seconds_per_step:.3f} s/step"
         if self.compiled:
             out += (f", compiled blocks (compiled {self.compile_graphs} graphs: first step {self.first_step_s:.1f} s)"
                     if self.compile_graphs else ", compiled blocks (reused)")
-        return out + (f", {self.graph}" if self.graph else "")
+        return out
 
 
 def check_features(feats: torch.Tensor, width: int, what: str) -> None:
@@ -74,10 +73,9 @@ def denoise(parts: ZImagePipelineParts, positive: torch.Tensor, negative: torch.
             latent: torch.Tensor, seed: int, steps: int = 9, cfg: float = 1.0, shift: float = 3.0,
             sampler: str = "euler", denoise: float = 1.0, attention_backend: str = "auto",
             hooks: sampling.StepHooks | None = None, compile_blocks: bool = False,
-            compile_backend: str = "inductor", graph_steps: bool = True) -> tuple[torch.Tensor, DenoiseReport]:
+            compile_backend: str = "inductor") -> tuple[torch.Tensor, DenoiseReport]:
     """Sample a LATENT (ComfyUI convention) from caption features `positive` [tokens, width].
-    `compile_blocks`: the repeated blocks run through torch.compile (see compiled_blocks).
-    `graph_steps`: steps replay a CUDA graph where the plan allows it (step_graph)."""
+    `compile_blocks`: the repeated blocks run through torch.compile (see compiled_blocks)."""
     rt = parts.runtime
     backend = attention.resolve(attention_backend, rt.device)
     sampling.validate(steps, latent.shape[-2] * 8, latent.shape[-1] * 8, denoise)
@@ -89,7 +87,6 @@ def denoise(parts: ZImagePipelineParts, positive: torch.Tensor, negative: torch.
         check_features(negative, width, "negative")
     negative = negative if cfg > 1.0 else None  # without CFG it plays no part
     hooks = hooks or sampling.StepHooks()
-    graph = None
     try:
         plan = rt.plan_for(latent.shape[-2] * 8, latent.shape[-1] * 8,
                            latent.shape[0] * (2 if negative is not None else 1))
@@ -102,18 +99,12 @@ def denoise(parts: ZImagePipelineParts, positive: torch.Tensor, negative: torch.
                 attention.attention_backend(tr, backend), \
                 compiled_blocks.compiled(tr, compile_blocks, compile_backend) as compile_report:
             v = Velocity(tr, captions, cfg, rt.dtype)
-            if graph_steps and plan.replays_steps:
-                # what a step computes besides x and t (the captions: `new_captions`)
-                key = (id(tr), tuple(latent.shape), len(captions), cfg, backend, compile_blocks, compile_backend)
-                graph = parts.transformer.step_graph.start(v, rt.device, key, fresh=parts.transformer.new_captions)
             start = time.perf_counter()
             # No synchronisation per step: the GPU keeps its queue and the streamer its prefetch
             # across step boundaries; sample() returns a CPU tensor, which waits for the end.
-            out = sampling.sample(graph or v, begin, sampler, hooks)
+            out = sampling.sample(v, begin, sampler, hooks)
             total = time.perf_counter() - start
     except BaseException:
-        if graph is not None:
-            graph.close()
         free_device_cache(rt.device, collect=True)  # activations of the failed step
         raise
     first = compile_report.seconds
@@ -122,7 +113,7 @@ def denoise(parts: ZImagePipelineParts, positive: torch.Tensor, negative: torch.
     else:
         per_step = total / steps
     return out, DenoiseReport(backend.value, per_step, steps, plan.summary(), compile_blocks, compile_report.graphs,
-                              first, graph.summary() if graph is not None else "")
+                              first)
 
 
 @torch.no_grad()

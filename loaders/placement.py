@@ -212,16 +212,6 @@ class MemoryPlan:
             return max(p.peak_bytes for p in self.device_plans)
         return max(self.phases.values()) if self.phases else 0
 
-    @property
-    def replays_steps(self) -> bool:
-        """Whether denoising steps may replay a CUDA graph (step_graph): every block resident on one
-        GPU, and room for the graph's own copy of a step's working memory above every phase's peak
-        (it holds that copy until the run ends, beside what PyTorch's cache kept from the eager
-        first step)."""
-        if self.device == "cpu" or self.device_plans or any(w != Where.GPU for _, w in self.blocks):
-            return False
-        return self.peak_bytes + denoise_work_bytes(self.height, self.width, self.batch) <= self.budget_bytes
-
     def keeps_decode_memory(self, height: int, width: int, batch: int) -> bool:
         """Whether a decode of this size may leave its freed memory in PyTorch's cache for the next
         decode instead of handing it back to the driver (the hand-back and the next decode's

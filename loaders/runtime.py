@@ -26,7 +26,6 @@ from .host_cache import HOST_CACHE, source_key
 from .model_sizes import ModelSizes
 from .pinned_memory import HostStage
 from .placement import ONCE_PER_CAPTION, Matmul, MemoryPlan, Storage, Where, packs_weights, plan_devices
-from .step_graph import StepGraph
 from .streaming import BlockStreamer, HostBlock, Slots
 
 PACKING_THREADS = 4  # packed host copies built at once (on a GPU each holds ~100 MB of work memory)
@@ -166,8 +165,6 @@ class TransformerHandle:
         self._moved_out: set[str] = set()  # resident blocks a decode moved out, back at the next run
         self._deferred: dict[str, DeferredCopy] = {}  # their copies back, until the blocks run
         self.refined = RefinedCaptions()  # the context refiner's last output (caption_refine)
-        self.new_captions = True  # whether the current run's refined captions are computed anew
-        self.step_graph = StepGraph()  # its refined captions' steps, replayed (step_graph)
         runtime.move_out = self.move_out
 
     @contextmanager
@@ -187,7 +184,6 @@ class TransformerHandle:
         block_device = plan.block_device()
         layout = (plan.blocks, plan.storage, plan.matmul, tuple(block_device.values()))
         if self._layout != layout:
-            self.step_graph.close()  # it reads the old build's weights
             self._replica, self._layout, self._moved_out = None, None, set()
             free_device_cache(self.runtime.device)
             try:
@@ -201,7 +197,6 @@ class TransformerHandle:
         returning = self._move_back(plan) if self._moved_out else []
         # refiner blocks a run with these captions never calls (replayed) are not streamed at all
         replayed = captions is not None and self.refined.find(captions, layout) is not None
-        self.new_captions = not replayed
         streamers, hops = [], None
         try:
             for sub in plan.device_plans or (plan,):  # each GPU streams its own blocks over its own link
@@ -289,7 +284,6 @@ class TransformerHandle:
         blocks moved until then stay out, and the decode must tile."""
         if self._replica is None or self._plan is None:
             return True
-        self.step_graph.close()  # the blocks come back at other addresses
         self._settle()
         dtype, where = self.runtime.dtype, dict(self._plan.blocks)
         HOST_CACHE.raise_limit(self._plan.host_budget_bytes)
@@ -359,7 +353,6 @@ class TransformerHandle:
         except Exception:  # out of host memory, say: the blocks are read from the file next time
             pass
         self._plan = None
-        self.step_graph.close()
         self._replica, self._layout, self._host, self.streamers = None, None, {}, []
         self.refined.clear()
         self._moved_out, self._deferred = set(), {}

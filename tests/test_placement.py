@@ -258,25 +258,3 @@ def test_a_decode_keeps_its_memory_cached_only_where_the_budget_holds_it_beside_
     assert full.decode_plan(1024, 1024, 1) == ((), False) and full.phases["denoise"] + kept > 16 * GiB
     assert not full.keeps_decode_memory(1024, 1024, 1)
     assert plan(sizes, 20).keeps_decode_memory(1024, 1024, 1)
-
-
-def test_steps_replay_a_cuda_graph_only_with_every_block_resident_and_room_for_its_memory(sizes):
-    """A captured step keeps its own copy of the step's working memory until the run ends: only a
-    plan with every block on one GPU and that much room above its peak replays one."""
-    from zimage_nodes.loaders.placement import denoise_work_bytes
-
-    work = denoise_work_bytes(1024, 1024, 1)
-    roomy = plan(sizes, 0)
-    assert roomy.replays_steps and roomy.peak_bytes + work <= roomy.budget_bytes
-    full = plan(sizes, 16)  # every block resident, but the budget has no room for the graph's copy
-    assert all(w.value == "gpu" for _, w in full.blocks) and full.peak_bytes + work > full.budget_bytes
-    assert not full.replays_steps
-    assert not plan(sizes, 8).replays_steps  # streamed blocks rebind their weights at every call
-    assert not plan_memory_cpu(sizes).replays_steps
-    assert not devices_plan(sizes, [40, 40]).replays_steps  # several GPUs hand activations over
-
-
-def plan_memory_cpu(sizes):
-    from zimage_nodes.loaders.placement import plan_memory
-
-    return plan_memory(sizes, "cpu")

@@ -3,11 +3,12 @@
 fp8 matmuls (fp8_matmul.Fp8Linear) multiply float8_e4m3fn activations that carry one float32 scale
 per row (token). Quantising a bf16 activation in eager PyTorch takes five kernels and three reads of
 it, and q, k and v (w1 and w3) each quantise the same input again: an eager fp8 step on an H100 took
-0.119 s against 0.073 compiled (bench/NOTES.md). Here a Triton program per row writes the fp8 row
-and its scale once, right where the row is made: after the modulated RMSNorm before the attention
-and the feed-forward (modulation.norm_scale_rows), after the SiLU gate before w2
-(silu_gate.silu_mul_rows), or from any bf16 activation (`quantize`). The result, an `Fp8Rows`,
-goes to every linear that takes that input as it is.
+0.119 s against 0.073 compiled (bench/NOTES.md, session 8). Here a Triton program per row writes the
+fp8 row and its scale once, right where the row is made: after the modulated RMSNorm before the
+attention and the feed-forward (`modulation.norm_scale(..., fp8=True)`), after the SiLU gate before
+w2 (`silu_gate.silu_mul(..., fp8=True)`), or from any bf16 activation up to 4096 wide (`quantize`,
+for the attention's output). The result, an `Fp8Rows`, goes to every linear that takes that input
+as it is: an eager fp8 step then took 0.067 s (session 10).
 
 The scale is `max(|row|) * (1/448)`, at least 1e-12, and each value is divided by it and rounded to
 the nearest fp8 value: the arithmetic of Fp8Linear's own PyTorch path, so the two agree.
@@ -79,31 +80,24 @@ if triton is not None:
         store_row(y, m, q_ptr, s_ptr, row, row * D + d)
 
 
-def fits(x: torch.Tensor) -> bool:
-    """Whether the kernels take x: contiguous on a GPU, rows of at most 16384 values, eagerly."""
-    return (triton is not None and x.is_cuda and x.is_contiguous() and 0 < x.shape[-1] <= 16384
+def _fits(x: torch.Tensor) -> bool:
+    """Whether `_rows` takes x: contiguous on a GPU, eagerly, rows of at most 4096 values (held in
+    registers whole: a 10240-wide row so held ran at 0.78 TB/s, see silu_gate)."""
+    return (triton is not None and x.is_cuda and x.is_contiguous() and 0 < x.shape[-1] <= 4096
             and not torch.compiler.is_compiling())
 
 
-def empty_rows(x: torch.Tensor, shape: torch.Size | None = None) -> Fp8Rows:
-    """Room for `x`'s rows (or rows of `shape`) as fp8, on its device."""
-    shape = x.shape if shape is None else shape
-    rows = shape.numel() // shape[-1]
-    return Fp8Rows(torch.empty(shape, dtype=FP8, device=x.device),
-                   torch.empty(rows, 1, dtype=torch.float32, device=x.device), x.dtype)
-
-
-def warps_for(dim: int) -> int:
-    """Enough threads that a row fits in registers (a 10240-wide feed-forward row needs 16 warps)."""
-    return 16 if dim > 4096 else _WARPS
+def empty_rows(x: torch.Tensor) -> Fp8Rows:
+    """Room for `x`'s rows as fp8, on its device."""
+    return Fp8Rows(torch.empty(x.shape, dtype=FP8, device=x.device),
+                   torch.empty(x.numel() // x.shape[-1], 1, dtype=torch.float32, device=x.device), x.dtype)
 
 
 def _run(x: torch.Tensor) -> Fp8Rows:
     out = empty_rows(x)
     dim = x.shape[-1]
     with torch.cuda.device(x.device):  # Triton launches on the current device (gpu_kernels)
-        _rows[(x.numel() // dim,)](x, out.q, out.scale, D=dim, BLOCK=triton.next_power_of_2(dim),
-                                   num_warps=warps_for(dim))
+        _rows[(x.numel() // dim,)](x, out.q, out.scale, D=dim, BLOCK=triton.next_power_of_2(dim), num_warps=_WARPS)
     return out
 
 
@@ -112,7 +106,7 @@ launch = Guarded(_run)
 
 def quantize(x2: torch.Tensor) -> Fp8Rows:
     """`x2` [rows, dim] to fp8 rows: one kernel on a GPU, else PyTorch's operations."""
-    if fits(x2) and not launch.failed:
+    if _fits(x2):
         out = launch(x2)
         if out is not None:
             return out

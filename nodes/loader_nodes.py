@@ -51,7 +51,7 @@ class ZImageShardedLoader:
                 "default": Matmul.BF16.value,
                 "tooltip": "bf16: exact. fp8 (Ada and Hopper GPUs: RTX 40xx/50xx, L4, L40, H100): the blocks' "
                            "linear layers keep fp8 weights and multiply in fp8. Half the weight memory and "
-                           "bytes streamed, a small quality cost; fastest with the sampler's compile on."}),
+                           "bytes streamed, about 1/4 faster on an H100, a small quality cost (about 39 dB PSNR)."}),
             "devices": ("STRING", {
                 "default": "",
                 "tooltip": "Several GPUs: e.g. 'cuda:0, cuda:1' (each gets vram_budget_gb) or 'cuda:0=12, cuda:1=8' "

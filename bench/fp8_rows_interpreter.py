@@ -1,7 +1,7 @@
 """The fp8-row kernels (loaders/fp8_rows.py, the fp8 paths of modulation.py and silu_gate.py) in
 Triton's interpreter on a CPU, against PyTorch: their scales, and their values before the cast to
-fp8 (the interpreter's own fp8 rounding is not the GPU's; `kernel_options.py PARTS=fp8_rows`
-compares the fp8 bits on a GPU).
+fp8 (the interpreter's own fp8 rounding is not the GPU's; bench/fp8_kernels.py compares the fp8
+bits on a GPU).
 
     PYTHONPATH=<a folder with triton> python3 bench/fp8_rows_interpreter.py
 """

@@ -422,7 +422,7 @@ def norm_rope_kernel():
     print("norm_rope", r, flush=True)
 
 
-def _seeded_norm(dim: int) -> torch.nn.RMSNorm:
+def seeded_norm(dim: int) -> torch.nn.RMSNorm:
     """A block's RMSNorm with weights around 1, after seeding the generator (what follows draws
     from it)."""
     torch.manual_seed(0)
@@ -443,7 +443,7 @@ def modulation_kernels():
     from loaders.real_rope import use_real_rope
 
     dim, heads, tokens = (3840, 30, 4128) if CUDA else (64, 2, 48)
-    norm = _seeded_norm(dim)
+    norm = seeded_norm(dim)
     x = torch.randn(1, tokens, dim, device=DEV, dtype=DT)
     y = torch.randn(1, tokens, dim, device=DEV, dtype=DT) * 4
     scale = (1 + 0.3 * torch.randn(1, 1, dim, device=DEV)).to(DT)
@@ -507,69 +507,6 @@ def silu_gate():
     print("silu_gate", r, flush=True)
 
 
-def fp8_rows():
-    """Activations quantised to fp8 rows (loaders/fp8_rows.py) at a step's shapes: PyTorch's path
-    (the norm or gate, then amax and division) against the Triton kernels that write the rows in
-    the pass that makes them (GPU ms from CUDA-graph replays; whether their bits agree), and the
-    fp8 GEMMs with and without fast accumulation."""
-    from loaders import fp8_rows as fr
-    from loaders import modulation
-    from loaders import silu_gate as sg
-
-    dim, hidden, tokens = (3840, 10240, 4128) if CUDA else (64, 160, 48)
-    norm = _seeded_norm(dim)
-    x = torch.randn(1, tokens, dim, device=DEV, dtype=DT)
-    raw = (0.5 * torch.randn(1, 1, dim, device=DEV)).to(DT)
-    a = torch.randn(1, tokens, hidden, device=DEV, dtype=DT) * 3
-    b = torch.randn(1, tokens, hidden, device=DEV, dtype=DT)
-
-    def torch_rows(t):
-        return fr.quantize_torch(t.reshape(-1, t.shape[-1]))
-
-    r: dict = {}
-    with torch.no_grad():
-        for name, plain, fused in (
-                ("quantize", lambda: torch_rows(x), lambda: fr.quantize(x.reshape(-1, dim))),
-                ("norm_scale", lambda: torch_rows(modulation.norm_scale(x, norm, raw, raw=True)),
-                 lambda: modulation.norm_scale(x, norm, raw, raw=True, fp8=True)),
-                ("silu_mul", lambda: torch_rows(sg.silu_mul(a, b)), lambda: sg.silu_mul(a, b, fp8=True))):
-            want, got = plain(), fused()
-            r[name] = {"plain_ms": replayed_ms(plain) if CUDA else timed(plain),
-                       "kernel_ms": replayed_ms(fused) if CUDA else timed(fused), **_rows_differ(got, want)}
-        if CUDA:
-            for block, warps in ((2048, 8), (4096, 8), (1024, 4), (2048, 4)):
-                fn = functools.partial(sg._run_rows, a, b, block, warps)
-                r[f"silu_mul_rows_{block}x{warps}"] = {"ms": replayed_ms(fn),
-                                                       **_rows_differ(fn(), torch_rows(sg.silu_mul(a, b)))}
-        if CUDA:
-            from loaders.fp8_matmul import fp8_quantize
-
-            for k, n in ((dim, dim), (dim, hidden), (hidden, dim)):
-                xq = fr.quantize(torch.randn(tokens, k, device=DEV, dtype=DT))
-                wq, ws = fp8_quantize(torch.randn(n, k, device=DEV, dtype=DT) * 0.02)
-                for fast in (False, True):
-                    r[f"gemm_{k}x{n}_fast_accum_{fast}_ms"] = timed(lambda fast=fast: torch._scaled_mm(
-                        xq.q, wq.t(), scale_a=xq.scale, scale_b=ws[None, :], out_dtype=DT, use_fast_accum=fast))
-                one = torch.ones((), device=DEV)  # one scale per tensor: the other kernel family
-                r[f"gemm_{k}x{n}_per_tensor_ms"] = timed(lambda: torch._scaled_mm(xq.q, wq.t(), scale_a=one,
-                                                                                  scale_b=one, out_dtype=DT))
-    R["fp8_rows"] = r
-    print("fp8_rows", r, flush=True)
-
-
-def _rows_differ(got, want) -> dict:
-    """How far fp8 rows `got` are from `want`: whether all bits agree, else how many values and
-    scales differ."""
-    from loaders.fp8_rows import Fp8Rows
-
-    if not isinstance(got, Fp8Rows):
-        return {"same_bits": False, "not_fp8_rows": True}
-    q = got.q.reshape(want.q.shape).view(torch.uint8) != want.q.view(torch.uint8)
-    s = got.scale != want.scale
-    return {"same_bits": not bool(q.any() or s.any()), "values_differing": int(q.sum()),
-            "scales_differing": int(s.sum())}
-
-
 def token_counts():
     """A layer's bf16 GEMMs and cuDNN attention at token counts around a 1024x1024 step's (4096
     image tokens plus 32 caption tokens, padded to 32): how much an unaligned count costs."""
@@ -607,7 +544,7 @@ def replayed_ms(fn, calls: int = 20) -> float:
 
 def main():
     parts = (gemms, attention, dequantize, exponent_unpack, vae_decode, compiled_block, norm_rope_kernel,
-             modulation_kernels, silu_gate, fp8_rows, token_counts)
+             modulation_kernels, silu_gate, token_counts)
     wanted = os.environ.get("PARTS", ",".join(p.__name__ for p in parts)).split(",")
     for part in (p for p in parts if p.__name__ in wanted):
         try:

@@ -1,0 +1,97 @@
+"""fp8 activation rows and fp8 GEMMs at a 1024x1024 step's shapes, on one GPU: PyTorch's path
+(the norm or gate, then the absolute maximum and the division) against loaders/fp8_rows.py's Triton
+kernels that write the rows in the pass that makes them (GPU ms from CUDA-graph replays; whether
+their fp8 bits agree), the gate's kernel at a few chunk sizes, and the fp8 GEMMs with and without
+fast accumulation and with per-tensor scales.
+
+    python bench/fp8_kernels.py        # env: OUT (results folder)
+Without a GPU it runs a smoke test of itself at tiny sizes on the CPU. bench/fp8_rows_interpreter.py
+checks the same kernels in Triton's interpreter on a CPU.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from kernel_options import CUDA, DEV, DT, OUT, replayed_ms, seeded_norm, timed  # noqa: E402
+
+R: dict = {"gpu": torch.cuda.get_device_name() if CUDA else "cpu (smoke test)", "torch": torch.__version__}
+
+
+def fp8_rows():
+    """Activations quantised to fp8 rows (loaders/fp8_rows.py) at a step's shapes: PyTorch's path
+    (the norm or gate, then amax and division) against the Triton kernels that write the rows in
+    the pass that makes them (GPU ms from CUDA-graph replays; whether their bits agree), and the
+    fp8 GEMMs with and without fast accumulation."""
+    from loaders import fp8_rows as fr
+    from loaders import modulation
+    from loaders import silu_gate as sg
+
+    dim, hidden, tokens = (3840, 10240, 4128) if CUDA else (64, 160, 48)
+    norm = seeded_norm(dim)
+    x = torch.randn(1, tokens, dim, device=DEV, dtype=DT)
+    raw = (0.5 * torch.randn(1, 1, dim, device=DEV)).to(DT)
+    a = torch.randn(1, tokens, hidden, device=DEV, dtype=DT) * 3
+    b = torch.randn(1, tokens, hidden, device=DEV, dtype=DT)
+
+    def torch_rows(t):
+        return fr.quantize_torch(t.reshape(-1, t.shape[-1]))
+
+    r: dict = {}
+    with torch.no_grad():
+        for name, plain, fused in (
+                ("quantize", lambda: torch_rows(x), lambda: fr.quantize(x.reshape(-1, dim))),
+                ("norm_scale", lambda: torch_rows(modulation.norm_scale(x, norm, raw, raw=True)),
+                 lambda: modulation.norm_scale(x, norm, raw, raw=True, fp8=True)),
+                ("silu_mul", lambda: torch_rows(sg.silu_mul(a, b)), lambda: sg.silu_mul(a, b, fp8=True))):
+            want, got = plain(), fused()
+            r[name] = {"plain_ms": replayed_ms(plain) if CUDA else timed(plain),
+                       "kernel_ms": replayed_ms(fused) if CUDA else timed(fused), **_rows_differ(got, want)}
+        if CUDA:
+            for block, warps in ((2048, 8), (4096, 8), (1024, 4), (2048, 4)):
+                fn = functools.partial(sg._run_rows, a, b, block, warps)
+                r[f"silu_mul_rows_{block}x{warps}"] = {"ms": replayed_ms(fn),
+                                                       **_rows_differ(fn(), torch_rows(sg.silu_mul(a, b)))}
+        if CUDA:
+            from loaders.fp8_matmul import fp8_quantize
+
+            for k, n in ((dim, dim), (dim, hidden), (hidden, dim)):
+                xq = fr.quantize(torch.randn(tokens, k, device=DEV, dtype=DT))
+                wq, ws = fp8_quantize(torch.randn(n, k, device=DEV, dtype=DT) * 0.02)
+                for fast in (False, True):
+                    r[f"gemm_{k}x{n}_fast_accum_{fast}_ms"] = timed(lambda fast=fast: torch._scaled_mm(
+                        xq.q, wq.t(), scale_a=xq.scale, scale_b=ws[None, :], out_dtype=DT, use_fast_accum=fast))
+                one = torch.ones((), device=DEV)  # one scale per tensor: the other kernel family
+                r[f"gemm_{k}x{n}_per_tensor_ms"] = timed(lambda: torch._scaled_mm(xq.q, wq.t(), scale_a=one,
+                                                                                  scale_b=one, out_dtype=DT))
+    R["fp8_rows"] = r
+    print("fp8_rows", r, flush=True)
+
+
+def _rows_differ(got, want) -> dict:
+    """How far fp8 rows `got` are from `want`: whether all bits agree, else how many values and
+    scales differ."""
+    from loaders.fp8_rows import Fp8Rows
+
+    if not isinstance(got, Fp8Rows):
+        return {"same_bits": False, "not_fp8_rows": True}
+    q = got.q.reshape(want.q.shape).view(torch.uint8) != want.q.view(torch.uint8)
+    s = got.scale != want.scale
+    return {"same_bits": not bool(q.any() or s.any()), "values_differing": int(q.sum()),
+            "scales_differing": int(s.sum())}
+
+
+def main():
+    fp8_rows()
+    with open(os.path.join(OUT, "fp8_kernels.json"), "w") as f:
+        json.dump(R, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

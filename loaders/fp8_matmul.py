@@ -81,6 +81,13 @@ class Fp8Linear(nn.Module):
             and not self.out_features % _MIN_ROWS
 
 
+def take_fp8_rows(x: torch.Tensor, *linears: nn.Module) -> bool:
+    """Whether these linear layers, all fed x, multiply its rows in fp8: a kernel making x may hand
+    them its rows quantised (`Fp8Rows`)."""
+    rows = x.numel() // x.shape[-1]
+    return all(isinstance(m, Fp8Linear) and m.takes_rows(rows) for m in linears)
+
+
 def check_supported(device: torch.device) -> None:
     """fp8 GEMMs need compute capability 8.9 (Ada) or 9.0 (Hopper) on NVIDIA GPUs."""
     if device.type != "cuda":

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import fp8_rows
 from .class_swap import ClassSwap
-from .fp8_matmul import Fp8Linear
+from .fp8_matmul import take_fp8_rows
 from .fp8_rows import Fp8Rows
 from .gpu_kernels import Guarded
 
@@ -126,12 +126,6 @@ def norm_scale(x: torch.Tensor, norm: nn.Module, scale: torch.Tensor, raw: bool 
     return norm(x) * ((1.0 + scale) if raw else scale)
 
 
-def _fp8_input(x: torch.Tensor, *linears: nn.Module) -> bool:
-    """Whether these linear layers, all fed x, multiply its rows in fp8 (they take Fp8Rows)."""
-    rows = x.numel() // x.shape[-1]
-    return all(isinstance(m, Fp8Linear) and m.takes_rows(rows) for m in linears)
-
-
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     """`x + gate * norm(y)` (gate [batch, 1, dim])."""
     w = _norm_weight(norm, y)
@@ -162,11 +156,11 @@ def _classes():
             _, gate_msa, _, gate_mlp = mod.tanh().chunk(4, dim=2)
             # with fp8 matmuls, q, k and v (w1 and w3) take one quantised copy of their input
             att, ff = self.attention, self.feed_forward
-            fp8 = _fp8_input(x, att.to_q, att.to_k, att.to_v)
+            fp8 = take_fp8_rows(x, att.to_q, att.to_k, att.to_v)
             h = norm_scale(x, self.attention_norm1, scale_msa, raw=True, fp8=fp8)
             attn_out = att(h, attention_mask=attn_mask, freqs_cis=freqs_cis)
             x = gated_residual(x, gate_msa, attn_out, self.attention_norm2)
-            h = norm_scale(x, self.ffn_norm1, scale_mlp, raw=True, fp8=_fp8_input(x, ff.w1, ff.w3))
+            h = norm_scale(x, self.ffn_norm1, scale_mlp, raw=True, fp8=take_fp8_rows(x, ff.w1, ff.w3))
             return gated_residual(x, gate_mlp, ff(h), self.ffn_norm2)
 
     return ZImageTransformerBlock, FusedModulationBlock

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import fp8_rows
 from .class_swap import ClassSwap
-from .fp8_matmul import Fp8Linear
+from .fp8_matmul import take_fp8_rows
 from .fp8_rows import Fp8Rows
 from .gpu_kernels import Guarded
 
@@ -135,8 +135,7 @@ def _classes():
 
         def forward(self, x):
             a, b = self.w1(x), self.w3(x)
-            fp8 = isinstance(self.w2, Fp8Linear) and self.w2.takes_rows(a.numel() // a.shape[-1])
-            return self.w2(silu_mul(a, b, fp8))
+            return self.w2(silu_mul(a, b, take_fp8_rows(a, self.w2)))
 
     return FeedForward, FusedGateFeedForward
 

@@ -45,7 +45,7 @@ def test_fp8_linear_takes_rows_quantised_by_their_producer_as_its_own(pack):
     """A norm or gate that writes its output as fp8 rows hands them to the linear layers as they
     are: the product equals the one from the bf16 activation, which the layer quantises the same
     way (a scale of max|row| / 448 per row); rows of a few tokens are not fp8 GEMM rows."""
-    from zimage_nodes.loaders.fp8_matmul import Fp8Linear, fp8_quantize
+    from zimage_nodes.loaders.fp8_matmul import Fp8Linear, fp8_quantize, take_fp8_rows
     from zimage_nodes.loaders.fp8_rows import FP8, Fp8Rows, quantize
 
     torch.manual_seed(0)
@@ -59,6 +59,8 @@ def test_fp8_linear_takes_rows_quantised_by_their_producer_as_its_own(pack):
     given = f(Fp8Rows(rows.q.reshape(2, 16, 64), rows.scale, x.dtype))
     assert given.shape == (2, 16, 96) and torch.equal(given, f(x))
     assert f.takes_rows(32) and not f.takes_rows(3) and not f.takes_rows(24)
+    assert take_fp8_rows(x, f, f) and not take_fp8_rows(x[:, :3], f)  # a norm feeding q, k and v; 6 rows
+    assert not take_fp8_rows(x, f, torch.nn.Linear(64, 96))  # one bf16 layer among them: no shared rows
 
 
 def test_fp8_matmul_run_is_close_to_bf16_and_streams_the_same_bits(tiny, pack):

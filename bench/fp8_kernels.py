@@ -27,8 +27,8 @@ R: dict = {"gpu": torch.cuda.get_device_name() if CUDA else "cpu (smoke test)", 
 def fp8_rows():
     """Activations quantised to fp8 rows (loaders/fp8_rows.py) at a step's shapes: PyTorch's path
     (the norm or gate, then amax and division) against the Triton kernels that write the rows in
-    the pass that makes them (GPU ms from CUDA-graph replays; whether their bits agree), and the
-    fp8 GEMMs with and without fast accumulation."""
+    the pass that makes them, the gate's kernel at other chunk sizes, and the fp8 GEMMs (see the
+    module's note)."""
     from loaders import fp8_rows as fr
     from loaders import modulation
     from loaders import silu_gate as sg
@@ -58,7 +58,6 @@ def fp8_rows():
                 fn = functools.partial(sg._run_rows, a, b, block, warps)
                 r[f"silu_mul_rows_{block}x{warps}"] = {"ms": replayed_ms(fn),
                                                        **_rows_differ(fn(), torch_rows(sg.silu_mul(a, b)))}
-        if CUDA:
             from loaders.fp8_matmul import fp8_quantize
 
             for k, n in ((dim, dim), (dim, hidden), (hidden, dim)):

@@ -60,7 +60,8 @@ def quantize_torch(x2: torch.Tensor) -> Fp8Rows:
 if triton is not None:
     @triton.jit
     def scale_of(amax):
-        """A row's scale from its absolute maximum (float32)."""
+        """A row's scale from its absolute maximum (float32): `row_scales` in a kernel (a jit
+        function cannot read FP8_MAX and MIN_SCALE, so they are written out)."""
         return tl.maximum(amax * (1.0 / 448.0), 1e-12)
 
     @triton.jit

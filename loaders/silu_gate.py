@@ -99,7 +99,7 @@ launch = Guarded(_run)
 
 
 def _run_rows(a: torch.Tensor, b: torch.Tensor, block: int = 2048, warps: int = 8) -> Fp8Rows:
-    """(bench/kernel_options.py times other `block` and `warps`.)"""
+    """(bench/fp8_kernels.py times other `block` and `warps`.)"""
     out = fp8_rows.empty_rows(a)
     dim = a.shape[-1]
     block = min(block, triton.next_power_of_2(dim))

@@ -2,9 +2,9 @@
 (the norm or gate, then the absolute maximum and the division) against loaders/fp8_rows.py's Triton
 kernels that write the rows in the pass that makes them (GPU ms from CUDA-graph replays; whether
 their fp8 bits agree), the gate's kernel at a few chunk sizes, and the fp8 GEMMs with and without
-fast accumulation and with per-tensor scales.
+fast accumulation and with per-tensor scales; fp8 attention (`cudnn_fp8`) against bf16 SDPA.
 
-    python bench/fp8_kernels.py        # env: OUT (results folder)
+    python bench/fp8_kernels.py        # env: OUT (results folder), PARTS=fp8_rows,attention
 Without a GPU it runs a smoke test of itself at tiny sizes on the CPU. bench/fp8_rows_interpreter.py
 checks the same kernels in Triton's interpreter on a CPU.
 """
@@ -73,6 +73,67 @@ def fp8_rows():
     print("fp8_rows", r, flush=True)
 
 
+def attention():
+    """fp8 attention (loaders/fp8_attention.py, the `cudnn_fp8` backend) against PyTorch's bf16
+    SDPA at a step's shape: q/k normalised and rotated, v quantised, the attention; ms for each
+    path, relative error of each against float32, and a batch of two with the second item padded
+    (a padding mask) against that item alone."""
+    import torch.nn.functional as F
+
+    from loaders import fp8_attention as fa
+    from loaders.real_rope import norm_rotate
+
+    why = fa.why_unavailable(torch.device(DEV))
+    if why:
+        R["attention"] = {"unavailable": why}
+        print("attention: unavailable:", why, flush=True)
+        return
+    r: dict = {}
+    b, s, h, d = 1, 4128, 30, 128
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(b, s, h, d, device=DEV, dtype=DT) * 2 for _ in range(3))
+    nq, nk = seeded_norm(d), seeded_norm(d)
+    ang = torch.randn(b, s, d // 2, device=DEV)
+    freqs = torch.polar(torch.ones_like(ang), ang)
+    heads_first = functools.partial(torch.Tensor.transpose, dim0=1, dim1=2)
+
+    def bf16():
+        qr, kr = norm_rotate(q, nq, freqs), norm_rotate(k, nk, freqs)
+        return F.scaled_dot_product_attention(heads_first(qr), heads_first(kr), heads_first(v)).transpose(1, 2)
+
+    def fp8(mask=None, q=q, k=k, v=v):
+        n = fa.tokens_for(q)
+        return fa.attend(norm_rotate(q, nq, freqs, True, n), norm_rotate(k, nk, freqs, True, n), fa.quantize(v, n),
+                         mask, q.shape[1])
+
+    with torch.no_grad():
+        qr, kr = norm_rotate(q, nq, freqs).float(), norm_rotate(k, nk, freqs).float()
+        exact = F.scaled_dot_product_attention(heads_first(qr), heads_first(kr), heads_first(v.float())).transpose(1, 2)
+
+        def err(o):
+            return round(((o.float() - exact).norm() / exact.norm()).item(), 5)
+
+        r["bf16_rel_error"] = err(bf16())
+        r["fp8_rel_error"] = err(fa.dequantize(fp8()).reshape(b, s, h, d))
+        r["bf16_ms"], r["fp8_ms"] = timed(bf16), timed(fp8)
+        pad, fa.PAD_TO = fa.PAD_TO, 0  # the same without padding to a multiple of 128 tokens
+        r["fp8_unpadded_ms"], r["fp8_unpadded_rel_error"] = timed(fp8), err(fa.dequantize(fp8()).reshape(b, s, h, d))
+        fa.PAD_TO = pad
+        # two images, the second 128 tokens shorter (padded at the end, masked): its rows alone
+        q2, k2, v2 = (torch.cat([t, t], dim=0) for t in (q, k, v))
+        mask = torch.ones(2, s, dtype=torch.bool, device=DEV)
+        mask[1, -128:] = False
+        got = fa.dequantize(fp8(mask, q2, k2, v2)).reshape(2, s, h, d)[1, :-128]
+        short = fa.dequantize(fp8(None, q[:, :-128], k[:, :-128], v[:, :-128])).reshape(s - 128, h, d)
+        r["padded_item_rel_diff"] = round(((got.float() - short.float()).norm() / short.float().norm()).item(), 5)
+        r["fp8_ms_batch2_masked"] = timed(lambda: fp8(mask, q2, k2, v2))
+        r["graph_build_cached"] = len(fa._GRAPHS)
+        r["attn_tflops_bf16"] = round(4 * s * s * h * d / r["bf16_ms"] / 1e9, 1)
+        r["attn_tflops_fp8"] = round(4 * s * s * h * d / r["fp8_ms"] / 1e9, 1)
+    R["attention"] = r
+    print("attention", r, flush=True)
+
+
 def _rows_differ(got, want) -> dict:
     """How far fp8 rows `got` are from `want`: whether all bits agree, else how many values and
     scales differ."""
@@ -87,7 +148,10 @@ def _rows_differ(got, want) -> dict:
 
 
 def main():
-    fp8_rows()
+    wanted = os.environ.get("PARTS", "fp8_rows,attention").split(",")
+    for part in (fp8_rows, attention):
+        if part.__name__ in wanted:
+            part()
     with open(os.path.join(OUT, "fp8_kernels.json"), "w") as f:
         json.dump(R, f, indent=1)
 

@@ -1,4 +1,5 @@
-"""The fp8-row kernels (loaders/fp8_rows.py, the fp8 paths of modulation.py and silu_gate.py) in
+"""The fp8 kernels (loaders/fp8_rows.py, the fp8 paths of modulation.py, silu_gate.py and
+norm_rope.py, fp8_attention's quantiser) in
 Triton's interpreter on a CPU, against PyTorch: their scales, and their values before the cast to
 fp8 (the interpreter's own fp8 rounding is not the GPU's; bench/fp8_kernels.py compares the fp8
 bits on a GPU).
@@ -18,7 +19,9 @@ import torch  # noqa: E402
 torch.cuda.device = lambda *_: contextlib.nullcontext()  # the launchers enter the tensors' device
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from loaders import fp8_rows, modulation, silu_gate  # noqa: E402
+import triton  # noqa: E402
+
+from loaders import fp8_attention, fp8_rows, modulation, norm_rope, silu_gate  # noqa: E402
 
 _empty = fp8_rows.empty_rows
 
@@ -53,7 +56,32 @@ def main():
     a = torch.randn(2, 16, 10240).to(torch.bfloat16) * 2
     b = torch.randn(2, 16, 10240).to(torch.bfloat16)
     results.append(check("silu_mul rows", silu_gate._run_rows(a, b), silu_gate._run(a, b)))
+    results.append(check_attention_inputs())
     sys.exit(0 if all(results) else 1)
+
+
+def check_attention_inputs():
+    """fp8 attention's q/k (norm_rope's fp8 output: one scale from the weight's bound) and v (one
+    scale from its maximum): scales and values before the cast, against the bf16 kernel and PyTorch."""
+    b, s, h, d = 1, 24, 3, 128
+    x = (torch.randn(b, s, h, d) * 2).to(torch.bfloat16)
+    w = (1 + 0.3 * torch.randn(d)).to(torch.bfloat16)
+    freqs = torch.view_as_real(torch.polar(torch.ones(b, s, d // 2), torch.randn(b, s, d // 2))).contiguous()
+    bf16 = torch.empty_like(x)
+    norm_rope._grid_launch(norm_rope._norm_rope, x, w, freqs, 1e-5, bf16)
+    pre, descale = torch.empty(x.shape), torch.empty(1, 1, 1, 1)
+    norm_rope._grid_launch(norm_rope._norm_rope, x, w, freqs, 1e-5, pre, descale=descale)
+    bound = (d ** 0.5 * w.float().abs().max() / 448).reshape(1, 1, 1, 1)
+    ok = torch.allclose(descale, bound, rtol=1e-6) and torch.equal(pre, (bf16.float() / descale).clamp(-448, 448))
+    ok = ok and bool(bf16.float().abs().max() <= d ** 0.5 * w.float().abs().max() * (1 + 2 ** -7))
+    v = (torch.randn(b, s, h, d) * 5).to(torch.bfloat16)
+    amax = torch.linalg.vector_norm(v, ord=float("inf"))
+    got, vscale = torch.empty(v.shape), torch.empty(1, 1, 1, 1)
+    fp8_attention._per_tensor[(triton.cdiv(v.numel(), 4096),)](v, amax, got, vscale, v.numel(), BLOCK=4096)
+    want = (v.float().abs().max() / 448).reshape(1, 1, 1, 1)
+    ok = ok and torch.equal(vscale, want) and torch.equal(got, (v.float() / want).clamp(-448, 448))
+    print(f"attention q/k/v: scales and values {'equal' if ok else 'DIFFER'}", flush=True)
+    return ok
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from enum import Enum
 import torch
 from torch import nn
 
+from . import fp8_attention
 from .errors import ZImageError
 
 
@@ -31,6 +32,7 @@ class AttentionBackend(str, Enum):
     XFORMERS = "xformers"
     FLASH_ATTN = "flash_attn"
     SAGE = "sage"
+    CUDNN_FP8 = "cudnn_fp8"  # the pack's own: cuDNN's fp8 attention (fp8_attention), Hopper GPUs
 
 # The name of each backend in diffusers' attention dispatcher.
 DIFFUSERS_NAME = {
@@ -43,6 +45,7 @@ DIFFUSERS_NAME = {
     AttentionBackend.XFORMERS: "xformers",
     AttentionBackend.FLASH_ATTN: "flash",
     AttentionBackend.SAGE: "sage",
+    AttentionBackend.CUDNN_FP8: "native",  # for what stays in bf16 (fp8_attention.fits)
 }
 
 # (import name, pip name, lowest version diffusers accepts)
@@ -65,6 +68,8 @@ def why_unavailable(backend: AttentionBackend, device: torch.device) -> str | No
     """None if `backend` can run on `device` here; otherwise the reason and how to fix it."""
     if backend in (AttentionBackend.AUTO, AttentionBackend.SDPA, AttentionBackend.SDPA_MATH):
         return None
+    if backend == AttentionBackend.CUDNN_FP8:
+        return fp8_attention.why_unavailable(device)
     if backend in _PACKAGES:
         module, pip_name, lowest = _PACKAGES[backend]
         if importlib.util.find_spec(module) is None:
@@ -110,16 +115,19 @@ def attention_backend(model: nn.Module, backend: AttentionBackend) -> Iterator[N
 
     name = AttentionBackendName(DIFFUSERS_NAME[backend])
     procs = list(_processors(model))
-    before = [p.__dict__.get("_attention_backend", _UNSET) for p in procs]
+    before = [{k: p.__dict__.get(k, _UNSET) for k in _SET} for p in procs]
     for p in procs:
         p._attention_backend = name
+        p._fp8_attention = backend == AttentionBackend.CUDNN_FP8  # read by real_rope's processor
     try:
         yield
     finally:
         for p, old in zip(procs, before):
-            if old is _UNSET:
-                p.__dict__.pop("_attention_backend", None)
-            else:
-                p._attention_backend = old
+            for k, v in old.items():
+                if v is _UNSET:
+                    p.__dict__.pop(k, None)
+                else:
+                    setattr(p, k, v)
 
 _UNSET = object()
+_SET = ("_attention_backend", "_fp8_attention")

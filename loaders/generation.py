@@ -78,6 +78,13 @@ def denoise(parts: ZImagePipelineParts, positive: torch.Tensor, negative: torch.
     `compile_blocks`: the repeated blocks run through torch.compile (see compiled_blocks)."""
     rt = parts.runtime
     backend = attention.resolve(attention_backend, rt.device)
+    if backend == attention.AttentionBackend.CUDNN_FP8 and compile_blocks:
+        # its cuDNN graph is not an operator torch.compile can trace: it would run bf16 attention
+        raise ZImageError("the cudnn_fp8 attention backend does not run inside compiled blocks",
+                          where="sampler inputs 'attention' and 'compile'",
+                          found="attention cudnn_fp8 with compile on",
+                          fix="turn compile off (eager fp8 attention and fp8 matmuls ran as fast as "
+                              "compiled ones), or pick another attention backend.")
     sampling.validate(steps, latent.shape[-2] * 8, latent.shape[-1] * 8, denoise)
     width = parts.transformer.component.config["cap_feat_dim"]
     check_features(positive, width, "positive")

@@ -26,7 +26,8 @@ _ROWS, _WARPS = 16, 4  # head vectors per program
 
 if triton is not None:
     @triton.jit
-    def _norm_rope(x_ptr, w_ptr, f_ptr, out_ptr, rows, heads, eps, D: tl.constexpr, R: tl.constexpr):
+    def _norm_rope(x_ptr, w_ptr, f_ptr, out_ptr, descale_ptr, rows, heads, eps, D: tl.constexpr, R: tl.constexpr,
+                   FP8: tl.constexpr):
         r = tl.program_id(0) * R + tl.arange(0, R)[:, None]  # head vector (batch x token x head)
         d = tl.arange(0, D)[None, :]
         rm = r < rows
@@ -35,13 +36,20 @@ if triton is not None:
         # loading the two halves with stride 2 ran at 0.42 TB/s, this at 2.7 (H100, bench/)
         x = tl.load(x_ptr + at, mask=rm, other=0.0).to(tl.float32)
         rstd = tl.math.rsqrt(tl.sum(x * x, axis=1)[:, None] / D + eps)
-        dt = out_ptr.dtype.element_ty
-        y = (x * rstd * tl.load(w_ptr + d).to(tl.float32)).to(dt).to(tl.float32)  # rounded as eager rounds it
+        dt = x_ptr.dtype.element_ty
+        w = tl.load(w_ptr + d).to(tl.float32)
+        y = (x * rstd * w).to(dt).to(tl.float32)  # rounded as eager rounds it
         y0, y1 = tl.split(tl.reshape(y, (R, D // 2, 2)))
         f = tl.load(f_ptr + (r // heads).to(tl.int64) * D + d, mask=rm, other=0.0)  # [tokens, D/2, (cos, sin)]
         c, s = tl.split(tl.reshape(f, (R, D // 2, 2)))
         o = tl.reshape(tl.join(y0 * c - y1 * s, y0 * s + y1 * c), (R, D))
-        tl.store(out_ptr + at, o.to(dt), mask=rm)
+        if FP8:  # for fp8 attention: a unit-RMS vector's values are at most sqrt(D), scaled by the weight
+            # and rotated in pairs they stay under sqrt(D) x max|weight|: one scale, known before the data
+            descale = tl.maximum(tl.sqrt(D * 1.0) * tl.max(tl.abs(w)) * (1.0 / 448.0), 1e-12)
+            o = tl.clamp(tl.math.div_rn(o.to(dt).to(tl.float32), descale), -448.0, 448.0)
+            if tl.program_id(0) == 0:
+                tl.store(descale_ptr, descale)
+        tl.store(out_ptr + at, o.to(out_ptr.dtype.element_ty), mask=rm)
 
 
 def fits(x: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor) -> bool:
@@ -54,18 +62,20 @@ def fits(x: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor) -> bool:
 
 
 def _grid_launch(kernel, x: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor, eps: float, out: torch.Tensor,
-                 rows_per_program: int = _ROWS, warps: int = _WARPS) -> None:
-    """`kernel` (`_norm_rope`, or it wrapped for an operator) over x's rows."""
+                 rows_per_program: int = _ROWS, warps: int = _WARPS, descale: torch.Tensor | None = None) -> None:
+    """`kernel` (`_norm_rope`, or it wrapped for an operator) over x's rows; with `descale` (float32
+    [1, 1, 1, 1]), `out` is fp8 and the kernel writes its scale there."""
     rows = x.numel() // x.shape[-1]
-    kernel[(triton.cdiv(rows, rows_per_program),)](x, weight, freqs, out, rows, x.shape[2], eps, D=x.shape[-1],
-                                                   R=rows_per_program, num_warps=warps)
+    kernel[(triton.cdiv(rows, rows_per_program),)](x, weight, freqs, out, out if descale is None else descale, rows,
+                                                   x.shape[2], eps, D=x.shape[-1], R=rows_per_program,
+                                                   FP8=descale is not None, num_warps=warps)
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor, eps: float, out: torch.Tensor,
-            rows_per_program: int = _ROWS, warps: int = _WARPS) -> bool:
+            rows_per_program: int = _ROWS, warps: int = _WARPS, descale: torch.Tensor | None = None) -> bool:
     """(bench/kernel_options.py times other `rows_per_program` and `warps`.)"""
     with torch.cuda.device(x.device):  # Triton launches on the current device (gpu_kernels)
-        _grid_launch(_norm_rope, x, weight, freqs, eps, out, rows_per_program, warps)
+        _grid_launch(_norm_rope, x, weight, freqs, eps, out, rows_per_program, warps, descale)
     return True
 
 

@@ -14,8 +14,9 @@ import functools
 import torch
 from torch import nn
 
-from . import norm_rope
+from . import fp8_attention, norm_rope
 from .class_swap import ClassSwap
+from .fp8_matmul import Fp8Linear
 
 
 def rotate(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
@@ -32,23 +33,29 @@ def rotate(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
 
 
-def norm_rotate(x: torch.Tensor, norm: nn.Module, freqs_cis: torch.Tensor) -> torch.Tensor:
+def norm_rotate(x: torch.Tensor, norm: nn.Module, freqs_cis: torch.Tensor, fp8: bool = False,
+                tokens: int | None = None):
     """`rotate(norm(x), freqs_cis)`: on a GPU in one kernel (norm_rope) where it fits, else as the
     two steps. Under torch.compile the kernel is an operator in the graph (`norm_rope.compiled_op`),
-    used once it has launched eagerly here (the context refiner's first call runs eagerly)."""
+    used once it has launched eagerly here (the context refiner's first call runs eagerly).
+    `fp8`: the result in fp8 with one scale, for fp8 attention (an `fp8_attention.Fp8Tensor`), in
+    room for `tokens` tokens (`fp8_attention.room`; default x's)."""
     weight = getattr(norm, "weight", None)
     if x.is_cuda and weight is not None and getattr(norm, "bias", None) is None:
         freqs = torch.view_as_real(freqs_cis)
         if norm_rope.fits(x, weight, freqs):
             if torch.compiler.is_compiling():
-                if norm_rope.compiled_op is not None and norm_rope.launched:
+                if norm_rope.compiled_op is not None and norm_rope.launched and not fp8:
                     return norm_rope.compiled_op(x, weight, freqs, float(norm.eps))
             else:
-                out = torch.empty_like(x)
-                if norm_rope.launch(x, weight, freqs, float(norm.eps), out):
+                out = fp8_attention.room(x, tokens or x.shape[1]) if fp8 else torch.empty_like(x)
+                descale = torch.empty(1, 1, 1, 1, dtype=torch.float32, device=x.device) if fp8 else None
+                if norm_rope.launch(x, weight, freqs, float(norm.eps), out, *(() if descale is None else (
+                        norm_rope._ROWS, norm_rope._WARPS, descale))):
                     norm_rope.launched = True
-                    return out
-    return rotate(norm(x), freqs_cis)
+                    return fp8_attention.Fp8Tensor(out, descale, x.dtype) if fp8 else out
+    out = rotate(norm(x), freqs_cis)
+    return fp8_attention.quantize(out, tokens) if fp8 else out
 
 
 @functools.cache
@@ -62,6 +69,10 @@ def _classes():
             query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
             key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
             value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
+            if getattr(self, "_fp8_attention", False):  # set by attention.attention_backend
+                out = self._fp8(attn, query, key, value, attention_mask, freqs_cis)
+                if out is not None:
+                    return out
             if attn.norm_q is not None and attn.norm_k is not None and freqs_cis is not None:
                 query, key = norm_rotate(query, attn.norm_q, freqs_cis), norm_rotate(key, attn.norm_k, freqs_cis)
             else:
@@ -76,6 +87,22 @@ def _classes():
             out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
                                         backend=self._attention_backend, parallel_config=self._parallel_config)
             out = attn.to_out[0](out.flatten(2, 3).to(query.dtype))
+            return attn.to_out[1](out) if len(attn.to_out) > 1 else out
+
+        @staticmethod
+        def _fp8(attn, query, key, value, mask, freqs_cis):
+            """The attention in fp8 (fp8_attention), or None where it does not apply (short or
+            compiled sequences, no q/k norms, a mask other than Z-Image's [batch, tokens] one)."""
+            if (not fp8_attention.fits(query) or attn.norm_q is None or attn.norm_k is None or freqs_cis is None
+                    or not (mask is None or (mask.ndim == 2 and mask.dtype == torch.bool))):
+                return None
+            tokens = fp8_attention.tokens_for(query)
+            o = fp8_attention.attend(norm_rotate(query, attn.norm_q, freqs_cis, True, tokens),
+                                     norm_rotate(key, attn.norm_k, freqs_cis, True, tokens),
+                                     fp8_attention.quantize(value, tokens), mask, query.shape[1])
+            proj = attn.to_out[0]
+            takes = isinstance(proj, Fp8Linear) and proj.takes_rows(o.q.shape.numel() // o.q.shape[-1])
+            out = proj(o if takes else fp8_attention.dequantize(o))
             return attn.to_out[1](out) if len(attn.to_out) > 1 else out
 
     return ZSingleStreamAttnProcessor, RealRopeAttnProcessor

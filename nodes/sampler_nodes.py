@@ -44,7 +44,9 @@ class ZImageSampler:
             "attention": ([b.value for b in AttentionBackend], {
                 "default": AttentionBackend.AUTO.value,
                 "tooltip": "Attention kernel for this run only. auto picks the fastest measured for your GPU. "
-                           "A backend that is not installed is an error that says how to install it."}),
+                           "A backend that is not installed is an error that says how to install it. "
+                           "cudnn_fp8: attention in fp8 on Hopper GPUs (pip install nvidia-cudnn-frontend); "
+                           "pair it with the loader's fp8 matmuls, eager (not with compile)."}),
             "compile": ("BOOLEAN", {
                 "default": False,
                 "tooltip": "Compile the transformer's repeated blocks with torch.compile (needs a C++ compiler; "

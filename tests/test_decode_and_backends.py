@@ -57,7 +57,8 @@ def test_attention_choice_does_not_leak_into_the_next_run(parts):
     pos = parts.text_encoder.encode("a fox")
     math_out, rep = denoise(parts, pos, None, torch.zeros(1, 16, 4, 4), seed=2, steps=2, attention_backend="sdpa_math")
     assert rep.attention == "sdpa_math"
-    assert all("_attention_backend" not in p.__dict__ for p in procs)  # restored after the run
+    # restored after the run, the fp8 attention switch too
+    assert all("_attention_backend" not in p.__dict__ and "_fp8_attention" not in p.__dict__ for p in procs)
     auto_out, rep = denoise(parts, pos, None, torch.zeros(1, 16, 4, 4), seed=2, steps=2)
     assert rep.attention == "sdpa"  # auto reports what it picked
     # same math, different kernels: float32 on the CPU agrees to 1e-5

@@ -225,6 +225,31 @@ def test_unavailable_attention_backend_names_the_fix(parts, backend, needs):
     _assert_clear(err, "sampler input 'attention'", backend, needs)
 
 
+def test_fp8_attention_says_what_it_needs(parts, monkeypatch):
+    """cudnn_fp8: on this CPU an error that says it runs on Hopper GPUs; on GPUs without it (an
+    older card, no cuDNN frontend package) the reason and the fix; with compiled blocks an error
+    rather than bf16 attention in its place."""
+    import importlib.util
+
+    from zimage_nodes.loaders import fp8_attention
+
+    _assert_clear(_denoise_error(parts, attention_backend="cudnn_fp8"), "sampler input 'attention'", "cudnn_fp8",
+                  "NVIDIA Hopper GPUs only", "pick sdpa")
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA GeForce RTX 4090")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 9))
+    old_card = fp8_attention.why_unavailable(gpu)
+    assert "compute capability 9.0" in old_card and "8.9" in old_card
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cudnn" else find(name, *a))
+    assert "pip install nvidia-cudnn-frontend>=1.32.0" in fp8_attention.why_unavailable(gpu)
+    monkeypatch.setattr(fp8_attention, "why_unavailable", lambda device: None)
+    _assert_clear(_denoise_error(parts, attention_backend="cudnn_fp8", compile_blocks=True),
+                  "sampler inputs 'attention' and 'compile'", "cudnn_fp8", "compile off")
+
+
 def test_conditioning_of_another_text_encoder(parts):
     err = _denoise_error(parts, positive=torch.zeros(7, 768))
     _assert_clear(err, "sampler input 'positive'", "width 32", "[7, 768]")

@@ -1,0 +1,221 @@
+"""Attention in fp8 on Hopper GPUs: cuDNN's fp8 flash attention, the `cudnn_fp8` attention backend.
+
+PyTorch's SDPA has no fp8 attention (2.11); cuDNN has one, reached through NVIDIA's cuDNN frontend
+package (`pip install nvidia-cudnn-frontend`), which builds a graph per shape (~1 s, once per
+process and shape) and runs it on PyTorch's tensors and stream. At a 1024x1024 step (4128 tokens,
+30 heads of 128) it took 0.356 ms a layer against 0.506 for cuDNN's bf16 attention on an H100
+(bench/NOTES.md, session 11).
+
+q, k and v go in as float8_e4m3fn with one float32 scale each; the probabilities are scaled by
+448 inside; the output comes out in fp8 (Hopper has no other), scaled as v. Where the scales come
+from:
+- q and k: RMS-normalised per head, then scaled by the norm's weight and rotated, so no value can
+  exceed sqrt(head_dim) x max|weight|: a scale known before the data, applied in the norm's own
+  kernel (norm_rope, `fp8=True`);
+- v: its absolute maximum, one reduction, then one pass that writes v in fp8 (`quantize_v`);
+- the output: v's scale, since each output row is a weighted mean of v's rows. It goes to an fp8
+  out-projection as it is (`Fp8Rows`, the scale repeated per row), or is dequantised for a bf16 one.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import math
+from typing import NamedTuple
+
+import torch
+
+from .fp8_rows import FP8, FP8_MAX, MIN_SCALE, Fp8Rows
+from .gpu_kernels import Guarded
+
+try:  # Triton ships with PyTorch's CUDA wheels on Linux; not on CPU builds, often not on Windows
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+PACKAGE, PIP_NAME, LOWEST = "cudnn", "nvidia-cudnn-frontend", "1.32.0"  # the version measured
+PAD_TO = 128  # one image's tokens rounded up to this (see tokens_for); 0: none
+MIN_TOKENS = 256  # shorter sequences (the caption refiner's) stay in bf16: too little work to gain
+_BLOCK, _WARPS = 4096, 8  # fp8 quantiser: values a program, warps
+
+
+def why_unavailable(device: torch.device) -> str | None:
+    """None if fp8 attention can run on `device`; else why, and the fix."""
+    if device.type != "cuda":
+        return f"cudnn_fp8 runs on NVIDIA Hopper GPUs only and this run is on {device.type}; pick sdpa"
+    cc = torch.cuda.get_device_capability(device)
+    if cc < (9, 0):
+        return f"cudnn_fp8 needs a Hopper GPU (compute capability 9.0; {torch.cuda.get_device_name(device)} has " \
+               f"{cc[0]}.{cc[1]}); pick sdpa"
+    if not torch.backends.cudnn.is_available():
+        return "this torch build has no cuDNN; install PyTorch's CUDA build"
+    if importlib.util.find_spec(PACKAGE) is None:
+        return f"the package {PIP_NAME} is not installed; install it with `pip install {PIP_NAME}>={LOWEST}`, " \
+               f"or pick another attention backend"
+    have = importlib.metadata.version(PIP_NAME)
+    if _version(have) < _version(LOWEST):
+        return f"{PIP_NAME} {have} is installed but {LOWEST} or newer is needed; " \
+               f"upgrade with `pip install -U {PIP_NAME}>={LOWEST}`"
+    return None
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in v.split("+")[0].split("."))
+
+
+def fits(q: torch.Tensor) -> bool:
+    """Whether a [batch, tokens, heads, head_dim] attention goes to fp8 here: on a GPU, eagerly,
+    long enough, head_dim a multiple of 16 (fp8 tensor cores)."""
+    return (triton is not None and q.is_cuda and q.ndim == 4 and q.shape[1] >= MIN_TOKENS and q.shape[3] % 16 == 0
+            and q.shape[3] <= 256 and not torch.compiler.is_compiling())
+
+
+class Fp8Tensor(NamedTuple):
+    """A tensor as float8_e4m3fn `values` and one float32 `descale` [1, 1, 1, 1] (values x descale
+    = the tensor); `dtype`: the tensor's own."""
+    values: torch.Tensor
+    descale: torch.Tensor
+    dtype: torch.dtype
+
+
+if triton is not None:
+    @triton.jit
+    def _per_tensor(x_ptr, amax_ptr, q_ptr, descale_ptr, n, BLOCK: tl.constexpr):
+        """x / (amax / 448) in fp8, rounded to nearest; program 0 writes the descale."""
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = i < n
+        s = tl.maximum(tl.load(amax_ptr).to(tl.float32) * (1.0 / 448.0), 1e-12)
+        x = tl.load(x_ptr + i, mask=m, other=0.0).to(tl.float32)
+        tl.store(q_ptr + i, tl.clamp(tl.math.div_rn(x, s), -448.0, 448.0).to(q_ptr.dtype.element_ty), mask=m)
+        if tl.program_id(0) == 0:
+            tl.store(descale_ptr, s)
+
+
+def tokens_for(x: torch.Tensor) -> int:
+    """Tokens to allocate the fp8 q, k and v of this [batch, tokens, heads, head_dim] attention
+    with: one image's rounded up to PAD_TO (the tail zeroed and masked off), several images' as
+    they are (their rows would not be contiguous)."""
+    b, s = x.shape[:2]
+    return -(-s // PAD_TO) * PAD_TO if b == 1 and PAD_TO else s
+
+
+def room(x: torch.Tensor, tokens: int) -> torch.Tensor:
+    """fp8 room for x [batch, tokens, ...] with `tokens` tokens, those past x's zeroed (cuDNN masks
+    them, but 0 x NaN would still be NaN). x's values go in front: with one image, x's own layout."""
+    out = torch.empty((x.shape[0], tokens, *x.shape[2:]), dtype=FP8, device=x.device)
+    if tokens > x.shape[1]:
+        out[:, x.shape[1]:].view(torch.uint8).zero_()
+    return out
+
+
+def _quantize(x: torch.Tensor, tokens: int) -> Fp8Tensor:
+    amax = torch.linalg.vector_norm(x, ord=math.inf)  # one reduction, no |x| written out
+    q = room(x, tokens)
+    descale = torch.empty(1, 1, 1, 1, dtype=torch.float32, device=x.device)
+    with torch.cuda.device(x.device):  # Triton launches on the current device (gpu_kernels)
+        _per_tensor[(triton.cdiv(x.numel(), _BLOCK),)](x, amax, q, descale, x.numel(), BLOCK=_BLOCK,
+                                                       num_warps=_WARPS)
+    return Fp8Tensor(q, descale, x.dtype)
+
+
+_launch = Guarded(_quantize)
+
+
+def quantize(x: torch.Tensor, tokens: int | None = None) -> Fp8Tensor:
+    """x [batch, tokens, ...] to fp8 with one scale, max|x| / 448, in room for `tokens` tokens
+    (`room`; default x's): two kernels on a GPU (v, whose values no bound limits), else PyTorch's
+    operations."""
+    tokens = x.shape[1] if tokens is None else tokens
+    if triton is not None and x.is_cuda and x.is_contiguous() and not torch.compiler.is_compiling():
+        out = _launch(x, tokens)
+        if out is not None:
+            return out
+    descale = (x.abs().amax().float() * (1.0 / FP8_MAX)).clamp(min=MIN_SCALE).reshape(1, 1, 1, 1)
+    values = room(x, tokens)
+    values[:, :x.shape[1]] = (x.float() / descale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return Fp8Tensor(values, descale, x.dtype)
+
+
+class _Graph:
+    """cuDNN's fp8 attention for one shape, built once: [batch, heads, tokens, head_dim] views of
+    [batch, tokens, heads, head_dim] tensors (the layout the model makes them in), each batch
+    item's own token count (a padding mask), no causal mask."""
+
+    def __init__(self, device: torch.device, batch: int, tokens: int, heads: int, head_dim: int):
+        import cudnn
+
+        with torch.cuda.device(device):
+            self.handle = cudnn.create_handle()
+        e4m3, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
+        g = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=f32, compute_data_type=f32, handle=self.handle)
+        shape = (batch, heads, tokens, head_dim)
+        strides = (tokens * heads * head_dim, head_dim, heads * head_dim, 1)
+        self.q, self.k, self.v = (g.tensor(name=n, dim=shape, stride=strides, data_type=e4m3) for n in "qkv")
+        one = dict(dim=(1, 1, 1, 1), stride=(1, 1, 1, 1), data_type=f32)
+        self.scales = [g.tensor(name=n, **one) for n in ("dq", "dk", "dv", "ds", "ss", "so")]
+        lengths = dict(dim=(batch, 1, 1, 1), stride=(1, 1, 1, 1), data_type=cudnn.data_type.INT32)
+        self.len_q, self.len_kv = g.tensor(name="len_q", **lengths), g.tensor(name="len_kv", **lengths)
+        self.o, _, amax_s, amax_o = g.sdpa_fp8(
+            q=self.q, k=self.k, v=self.v, descale_q=self.scales[0], descale_k=self.scales[1],
+            descale_v=self.scales[2], descale_s=self.scales[3], scale_s=self.scales[4], scale_o=self.scales[5],
+            attn_scale=1.0 / math.sqrt(head_dim), use_causal_mask=False, generate_stats=False,
+            use_padding_mask=True, seq_len_q=self.len_q, seq_len_kv=self.len_kv, name="zimage_fp8_attention")
+        self.o.set_output(True).set_dim(shape).set_stride(strides).set_data_type(e4m3)
+        for a in (amax_s, amax_o):  # the maxima cuDNN measures (for delayed scaling): unused, but outputs
+            a.set_output(True).set_dim((1, 1, 1, 1)).set_stride((1, 1, 1, 1)).set_data_type(f32)
+        self.amax_s, self.amax_o = amax_s, amax_o
+        g.validate()
+        g.build_operation_graph()
+        g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        g.check_support()
+        g.build_plans()
+        self.graph, self.cudnn = g, cudnn
+        self.workspace = torch.empty(g.get_workspace_size(), dtype=torch.uint8, device=device)
+        # the probabilities (at most 1) scaled onto fp8's range, and back
+        self.s_scale = torch.full((1, 1, 1, 1), FP8_MAX, dtype=torch.float32, device=device)
+        self.s_descale = torch.full((1, 1, 1, 1), 1.0 / FP8_MAX, dtype=torch.float32, device=device)
+        self.maxima = torch.empty(2, 1, 1, 1, 1, dtype=torch.float32, device=device)
+
+    def __call__(self, q8, k8, v8, descale_q, descale_k, descale_v, scale_o, lengths) -> torch.Tensor:
+        o8 = torch.empty_like(q8)
+        self.cudnn.set_stream(handle=self.handle, stream=torch.cuda.current_stream(q8.device).cuda_stream)
+        dq, dk, dv, ds, ss, so = self.scales
+        self.graph.execute({self.q: q8, self.k: k8, self.v: v8, dq: descale_q, dk: descale_k, dv: descale_v,
+                            ds: self.s_descale, ss: self.s_scale, so: scale_o, self.len_q: lengths,
+                            self.len_kv: lengths, self.o: o8, self.amax_s: self.maxima[0],
+                            self.amax_o: self.maxima[1]}, self.workspace, handle=self.handle)
+        return o8
+
+
+_GRAPHS: dict[tuple, _Graph] = {}
+
+
+def attend(q: Fp8Tensor, k: Fp8Tensor, v: Fp8Tensor, mask: torch.Tensor | None, tokens: int) -> Fp8Rows:
+    """softmax(q k^T / sqrt(d)) v in fp8 over the first `tokens` tokens; q, k, v [batch, tokens or
+    more (`tokens_for`), heads, head_dim]. mask: None, or [batch, tokens] True for each item's
+    tokens (a prefix: Z-Image pads a batch's shorter sequences at the end). The output as fp8
+    rows [batch, tokens, heads * head_dim] with their descale (v's, repeated per token), as an fp8
+    out-projection takes them."""
+    b, p, h, d = q.values.shape
+    key = (q.values.device, b, p, h, d)
+    graph = _GRAPHS.get(key)
+    if graph is None:
+        graph = _GRAPHS[key] = _Graph(q.values.device, b, p, h, d)
+    if mask is None:
+        lengths = torch.full((b, 1, 1, 1), tokens, dtype=torch.int32, device=q.values.device)
+    else:
+        lengths = mask.reshape(b, -1).sum(dim=1, dtype=torch.int32).reshape(b, 1, 1, 1)
+    o8 = graph(q.values, k.values, v.values, q.descale, k.descale, v.descale, 1.0 / v.descale, lengths)
+    return Fp8Rows(o8[:, :tokens].reshape(b, tokens, h * d), v.descale.reshape(1, 1).expand(b * tokens, 1).contiguous(),
+                   q.dtype)
+
+
+def dequantize(o: Fp8Rows) -> torch.Tensor:
+    """fp8 rows back to their dtype (for a bf16 out-projection)."""
+    return (o.q.float() * o.scale.reshape(*o.q.shape[:-1], 1)).to(o.dtype)
+
+
+def dequantize_tensor(t: Fp8Tensor) -> torch.Tensor:
+    """An Fp8Tensor back to its dtype (tests and benchmarks)."""
+    return (t.values.float() * t.descale).to(t.dtype)

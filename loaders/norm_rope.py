@@ -26,8 +26,8 @@ _ROWS, _WARPS = 16, 4  # head vectors per program
 
 if triton is not None:
     @triton.jit
-    def _norm_rope(x_ptr, w_ptr, f_ptr, out_ptr, descale_ptr, rows, heads, eps, D: tl.constexpr, R: tl.constexpr,
-                   FP8: tl.constexpr):
+    def _norm_rope(x_ptr, w_ptr, f_ptr, out_ptr, descale_ptr, rows, heads, eps, bound, D: tl.constexpr,
+                   R: tl.constexpr, FP8: tl.constexpr):
         r = tl.program_id(0) * R + tl.arange(0, R)[:, None]  # head vector (batch x token x head)
         d = tl.arange(0, D)[None, :]
         rm = r < rows
@@ -44,8 +44,9 @@ if triton is not None:
         c, s = tl.split(tl.reshape(f, (R, D // 2, 2)))
         o = tl.reshape(tl.join(y0 * c - y1 * s, y0 * s + y1 * c), (R, D))
         if FP8:  # for fp8 attention: a unit-RMS vector's values are at most sqrt(D), scaled by the weight
-            # and rotated in pairs they stay under sqrt(D) x max|weight|: one scale, known before the data
-            descale = tl.maximum(tl.sqrt(D * 1.0) * tl.max(tl.abs(w)) * (1.0 / 448.0), 1e-12)
+            # and rotated in pairs they stay under sqrt(D) x max|weight|: one scale, known before the
+            # data (`bound`: sqrt(D) / 448)
+            descale = tl.maximum(bound * tl.max(tl.abs(w)), 1e-12)
             o = tl.clamp(tl.math.div_rn(o.to(dt).to(tl.float32), descale), -448.0, 448.0)
             if tl.program_id(0) == 0:
                 tl.store(descale_ptr, descale)
@@ -67,7 +68,8 @@ def _grid_launch(kernel, x: torch.Tensor, weight: torch.Tensor, freqs: torch.Ten
     [1, 1, 1, 1]), `out` is fp8 and the kernel writes its scale there."""
     rows = x.numel() // x.shape[-1]
     kernel[(triton.cdiv(rows, rows_per_program),)](x, weight, freqs, out, out if descale is None else descale, rows,
-                                                   x.shape[2], eps, D=x.shape[-1], R=rows_per_program,
+                                                   x.shape[2], eps, x.shape[-1] ** 0.5 / 448.0, D=x.shape[-1],
+                                                   R=rows_per_program,
                                                    FP8=descale is not None, num_warps=warps)
 
 

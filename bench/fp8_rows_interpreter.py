@@ -1,5 +1,5 @@
 """The fp8 kernels (loaders/fp8_rows.py, the fp8 paths of modulation.py, silu_gate.py and
-norm_rope.py, fp8_attention's quantiser) in
+norm_rope.py, fp8_attention's quantiser; and modulation's residual-then-norm kernel) in
 Triton's interpreter on a CPU, against PyTorch: their scales, and their values before the cast to
 fp8 (the interpreter's own fp8 rounding is not the GPU's; bench/fp8_kernels.py compares the fp8
 bits on a GPU).
@@ -57,7 +57,28 @@ def main():
     b = torch.randn(2, 16, 10240).to(torch.bfloat16)
     results.append(check("silu_mul rows", silu_gate._run_rows(a, b), silu_gate._run(a, b)))
     results.append(check_attention_inputs())
+    results.append(check_residual_then_norm())
     sys.exit(0 if all(results) else 1)
+
+
+def check_residual_then_norm():
+    """The residual and the next norm in one kernel against the two kernels: the same bits, in bf16
+    and (before the cast) in fp8 rows."""
+    torch.manual_seed(1)
+    x, y = (torch.randn(1, 16, 3840).to(torch.bfloat16) for _ in range(2))
+    w, w1 = ((1 + 0.1 * torch.randn(3840)).to(torch.bfloat16) for _ in range(2))
+    gate, raw = ((0.3 * torch.randn(1, 1, 3840)).to(torch.bfloat16) for _ in range(2))
+    ok = True
+    for fp8 in (False, True):
+        x2 = modulation._run("gated_residual", x, (x, gate, y, w), gate, 1e-5)
+        h = modulation._run("norm_scale", x2, (x2, w1, raw), raw, 1e-6, True, fp8)
+        fx, fh = modulation._run("gated_residual_norm_scale", x, ((x, gate, y, w), (w1, raw, 1e-6)), gate, 1e-5,
+                                 True, fp8)
+        same = torch.equal(fx, x2) and (torch.equal(fh.q, h.q) and torch.equal(fh.scale, h.scale) if fp8
+                                        else torch.equal(fh, h))
+        ok = ok and same
+    print(f"residual then norm: {'equal' if ok else 'DIFFER'}", flush=True)
+    return ok
 
 
 def check_attention_inputs():

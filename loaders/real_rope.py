@@ -50,8 +50,7 @@ def norm_rotate(x: torch.Tensor, norm: nn.Module, freqs_cis: torch.Tensor, fp8: 
             else:
                 out = fp8_attention.room(x, tokens or x.shape[1]) if fp8 else torch.empty_like(x)
                 descale = torch.empty(1, 1, 1, 1, dtype=torch.float32, device=x.device) if fp8 else None
-                if norm_rope.launch(x, weight, freqs, float(norm.eps), out, *(() if descale is None else (
-                        norm_rope._ROWS, norm_rope._WARPS, descale))):
+                if norm_rope.launch(x, weight, freqs, float(norm.eps), out, norm_rope._ROWS, norm_rope._WARPS, descale):
                     norm_rope.launched = True
                     return fp8_attention.Fp8Tensor(out, descale, x.dtype) if fp8 else out
     out = rotate(norm(x), freqs_cis)

@@ -142,7 +142,8 @@ def test_modulated_blocks_take_the_fused_path_and_match_diffusers_forward(tiny, 
         monkeypatch.setattr(modulation, "launch", lambda name, *a: calls.append(name))  # "failed": eager
         monkeypatch.setattr(modulation, "_norm_weight", lambda norm, x: norm.weight)
         assert torch.equal(blk(x, None, freqs, adaln), theirs)
-    assert calls == ["norm_scale", "gated_residual", "norm_scale", "gated_residual"]
+    # the residual-then-norm kernel first, then (its launch "failed") the two it stands for
+    assert calls == ["norm_scale", "gated_residual_norm_scale", "gated_residual", "norm_scale", "gated_residual"]
     modulation.use_plain_modulation(t)
     assert all(type(b) is ZImageTransformerBlock for b in blocks)
 

@@ -248,7 +248,6 @@ def main():
         ("eager_sdpa_bf16", "sdpa", False, "bf16", 0), ("eager_cudnn_bf16", "sdpa_cudnn", False, "bf16", 0),
         ("eager_sdpa_fp8", "sdpa", False, "fp8", 0), ("eager_cudnnfp8_fp8", "cudnn_fp8", False, "fp8", 0),
         ("eager_cudnnfp8_bf16", "cudnn_fp8", False, "bf16", 0),
-        ("eager_cudnnfp8_fp8_unpadded", "cudnn_fp8", False, "fp8", 0),  # fp8_attention.PAD_TO = 0
         ("compiled_sdpa_bf16", "sdpa", True, "bf16", 0), ("compiled_cudnn_bf16", "sdpa_cudnn", True, "bf16", 0),
         ("compiled_sdpa_fp8", "sdpa", True, "fp8", 0),
         ("compiled_sdpa_bf16_8GiB", "sdpa", True, "bf16", 8),
@@ -257,19 +256,13 @@ def main():
     wanted = {c for c in os.environ.get("CONFIGS", "").split(",") if c}
     configs = [c for c in configs if not wanted or c[0] in wanted]
     images = {}
-    from loaders import fp8_attention
-
     for label, att, comp, mm, budget in configs:
-        pad = fp8_attention.PAD_TO
-        fp8_attention.PAD_TO = 0 if label.endswith("_unpadded") else pad
         try:
             images[label] = run_pack(parts, pos, label, att, comp, mm, budget)
         except Exception as e:
             R["runs"][label] = {"error": repr(e)[:500]}
             print(label, "FAILED", repr(e)[:500], flush=True)
             save()
-        finally:
-            fp8_attention.PAD_TO = pad
     for name in [n for n in os.environ.get("PLAIN_KERNELS", "").split(",") if n]:
         kernels = importlib.import_module(f"loaders.{name}")
         kernels.launch.failed = True  # PyTorch's ops (compiled: inductor's) in place of this module's kernels

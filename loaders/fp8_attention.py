@@ -1,10 +1,13 @@
-"""Attention in fp8 on Hopper GPUs: cuDNN's fp8 flash attention, the `cudnn_fp8` attention backend.
+"""Attention in fp8 on Hopper GPUs: cuDNN's fp8 attention, the `cudnn_fp8` attention backend.
 
 PyTorch's SDPA has no fp8 attention (2.11); cuDNN has one, reached through NVIDIA's cuDNN frontend
-package (`pip install nvidia-cudnn-frontend`), which builds a graph per shape (~1 s, once per
-process and shape) and runs it on PyTorch's tensors and stream. At a 1024x1024 step (4128 tokens,
-30 heads of 128) it took 0.356 ms a layer against 0.506 for cuDNN's bf16 attention on an H100
-(bench/NOTES.md, session 11).
+package (`pip install nvidia-cudnn-frontend`), which builds a graph per shape (under a second,
+once per process and shape) and runs it on PyTorch's tensors and stream. At a 1024x1024 step
+(4128 tokens, 30 heads of 128) on an H100 it took 0.314 ms a layer against 0.493 for PyTorch's
+cuDNN bf16 attention, and an eager fp8 image 0.616 s against 0.651 with bf16 attention (39.4 dB
+against eager bf16; bench/NOTES.md, session 11). The graph takes each image's token count (a
+padding mask) even when nothing is masked: it ran faster so (0.314 against 0.354 ms); padding
+the tokens to 4160 or 4224 did not (0.321, 0.323).
 
 q, k and v go in as float8_e4m3fn with one float32 scale each; the probabilities are scaled by
 448 inside; the output comes out in fp8 (Hopper has no other), scaled as v. Where the scales come
@@ -12,7 +15,7 @@ from:
 - q and k: RMS-normalised per head, then scaled by the norm's weight and rotated, so no value can
   exceed sqrt(head_dim) x max|weight|: a scale known before the data, applied in the norm's own
   kernel (norm_rope, `fp8=True`);
-- v: its absolute maximum, one reduction, then one pass that writes v in fp8 (`quantize_v`);
+- v: its absolute maximum, one reduction, then one pass that writes v in fp8 (`quantize`);
 - the output: v's scale, since each output row is a weighted mean of v's rows. It goes to an fp8
   out-projection as it is (`Fp8Rows`, the scale repeated per row), or is dequantised for a bf16 one.
 """
@@ -35,7 +38,6 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 PACKAGE, PIP_NAME, LOWEST = "cudnn", "nvidia-cudnn-frontend", "1.32.0"  # the version measured
-PAD_TO = 128  # one image's tokens rounded up to this (see tokens_for); 0: none
 MIN_TOKENS = 256  # shorter sequences (the caption refiner's) stay in bf16: too little work to gain
 _BLOCK, _WARPS = 4096, 8  # fp8 quantiser: values a program, warps
 
@@ -92,26 +94,9 @@ if triton is not None:
             tl.store(descale_ptr, s)
 
 
-def tokens_for(x: torch.Tensor) -> int:
-    """Tokens to allocate the fp8 q, k and v of this [batch, tokens, heads, head_dim] attention
-    with: one image's rounded up to PAD_TO (the tail zeroed and masked off), several images' as
-    they are (their rows would not be contiguous)."""
-    b, s = x.shape[:2]
-    return -(-s // PAD_TO) * PAD_TO if b == 1 and PAD_TO else s
-
-
-def room(x: torch.Tensor, tokens: int) -> torch.Tensor:
-    """fp8 room for x [batch, tokens, ...] with `tokens` tokens, those past x's zeroed (cuDNN masks
-    them, but 0 x NaN would still be NaN). x's values go in front: with one image, x's own layout."""
-    out = torch.empty((x.shape[0], tokens, *x.shape[2:]), dtype=FP8, device=x.device)
-    if tokens > x.shape[1]:
-        out[:, x.shape[1]:].view(torch.uint8).zero_()
-    return out
-
-
-def _quantize(x: torch.Tensor, tokens: int) -> Fp8Tensor:
+def _quantize(x: torch.Tensor) -> Fp8Tensor:
     amax = torch.linalg.vector_norm(x, ord=math.inf)  # one reduction, no |x| written out
-    q = room(x, tokens)
+    q = torch.empty(x.shape, dtype=FP8, device=x.device)
     descale = torch.empty(1, 1, 1, 1, dtype=torch.float32, device=x.device)
     with torch.cuda.device(x.device):  # Triton launches on the current device (gpu_kernels)
         _per_tensor[(triton.cdiv(x.numel(), _BLOCK),)](x, amax, q, descale, x.numel(), BLOCK=_BLOCK,
@@ -122,19 +107,15 @@ def _quantize(x: torch.Tensor, tokens: int) -> Fp8Tensor:
 _launch = Guarded(_quantize)
 
 
-def quantize(x: torch.Tensor, tokens: int | None = None) -> Fp8Tensor:
-    """x [batch, tokens, ...] to fp8 with one scale, max|x| / 448, in room for `tokens` tokens
-    (`room`; default x's): two kernels on a GPU (v, whose values no bound limits), else PyTorch's
-    operations."""
-    tokens = x.shape[1] if tokens is None else tokens
+def quantize(x: torch.Tensor) -> Fp8Tensor:
+    """x to fp8 with one scale, max|x| / 448: two kernels on a GPU (v, whose values no bound
+    limits), else PyTorch's operations."""
     if triton is not None and x.is_cuda and x.is_contiguous() and not torch.compiler.is_compiling():
-        out = _launch(x, tokens)
+        out = _launch(x)
         if out is not None:
             return out
     descale = (x.abs().amax().float() * (1.0 / FP8_MAX)).clamp(min=MIN_SCALE).reshape(1, 1, 1, 1)
-    values = room(x, tokens)
-    values[:, :x.shape[1]] = (x.float() / descale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return Fp8Tensor(values, descale, x.dtype)
+    return Fp8Tensor((x.float() / descale).clamp(-FP8_MAX, FP8_MAX).to(FP8), descale, x.dtype)
 
 
 class _Graph:
@@ -191,24 +172,22 @@ class _Graph:
 _GRAPHS: dict[tuple, _Graph] = {}
 
 
-def attend(q: Fp8Tensor, k: Fp8Tensor, v: Fp8Tensor, mask: torch.Tensor | None, tokens: int) -> Fp8Rows:
-    """softmax(q k^T / sqrt(d)) v in fp8 over the first `tokens` tokens; q, k, v [batch, tokens or
-    more (`tokens_for`), heads, head_dim]. mask: None, or [batch, tokens] True for each item's
-    tokens (a prefix: Z-Image pads a batch's shorter sequences at the end). The output as fp8
-    rows [batch, tokens, heads * head_dim] with their descale (v's, repeated per token), as an fp8
-    out-projection takes them."""
-    b, p, h, d = q.values.shape
-    key = (q.values.device, b, p, h, d)
+def attend(q: Fp8Tensor, k: Fp8Tensor, v: Fp8Tensor, mask: torch.Tensor | None) -> Fp8Rows:
+    """softmax(q k^T / sqrt(d)) v in fp8; q, k, v [batch, tokens, heads, head_dim]. mask: None, or
+    [batch, tokens] True for each item's tokens (a prefix: Z-Image pads a batch's shorter
+    sequences at the end). The output as fp8 rows [batch, tokens, heads * head_dim] with their
+    descale (v's, repeated per token), as an fp8 out-projection takes them."""
+    b, s, h, d = q.values.shape
+    key = (q.values.device, b, s, h, d)
     graph = _GRAPHS.get(key)
     if graph is None:
-        graph = _GRAPHS[key] = _Graph(q.values.device, b, p, h, d)
+        graph = _GRAPHS[key] = _Graph(q.values.device, b, s, h, d)
     if mask is None:
-        lengths = torch.full((b, 1, 1, 1), tokens, dtype=torch.int32, device=q.values.device)
+        lengths = torch.full((b, 1, 1, 1), s, dtype=torch.int32, device=q.values.device)
     else:
         lengths = mask.reshape(b, -1).sum(dim=1, dtype=torch.int32).reshape(b, 1, 1, 1)
     o8 = graph(q.values, k.values, v.values, q.descale, k.descale, v.descale, 1.0 / v.descale, lengths)
-    return Fp8Rows(o8[:, :tokens].reshape(b, tokens, h * d), v.descale.reshape(1, 1).expand(b * tokens, 1).contiguous(),
-                   q.dtype)
+    return Fp8Rows(o8.reshape(b, s, h * d), v.descale.reshape(1, 1).expand(b * s, 1).contiguous(), q.dtype)
 
 
 def dequantize(o: Fp8Rows) -> torch.Tensor:

@@ -33,13 +33,11 @@ def rotate(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
 
 
-def norm_rotate(x: torch.Tensor, norm: nn.Module, freqs_cis: torch.Tensor, fp8: bool = False,
-                tokens: int | None = None):
+def norm_rotate(x: torch.Tensor, norm: nn.Module, freqs_cis: torch.Tensor, fp8: bool = False):
     """`rotate(norm(x), freqs_cis)`: on a GPU in one kernel (norm_rope) where it fits, else as the
     two steps. Under torch.compile the kernel is an operator in the graph (`norm_rope.compiled_op`),
     used once it has launched eagerly here (the context refiner's first call runs eagerly).
-    `fp8`: the result in fp8 with one scale, for fp8 attention (an `fp8_attention.Fp8Tensor`), in
-    room for `tokens` tokens (`fp8_attention.room`; default x's)."""
+    `fp8`: the result in fp8 with one scale, for fp8 attention (an `fp8_attention.Fp8Tensor`)."""
     weight = getattr(norm, "weight", None)
     if x.is_cuda and weight is not None and getattr(norm, "bias", None) is None:
         freqs = torch.view_as_real(freqs_cis)
@@ -48,13 +46,13 @@ def norm_rotate(x: torch.Tensor, norm: nn.Module, freqs_cis: torch.Tensor, fp8: 
                 if norm_rope.compiled_op is not None and norm_rope.launched and not fp8:
                     return norm_rope.compiled_op(x, weight, freqs, float(norm.eps))
             else:
-                out = fp8_attention.room(x, tokens or x.shape[1]) if fp8 else torch.empty_like(x)
+                out = torch.empty_like(x, dtype=fp8_attention.FP8 if fp8 else x.dtype)
                 descale = torch.empty(1, 1, 1, 1, dtype=torch.float32, device=x.device) if fp8 else None
                 if norm_rope.launch(x, weight, freqs, float(norm.eps), out, norm_rope._ROWS, norm_rope._WARPS, descale):
                     norm_rope.launched = True
                     return fp8_attention.Fp8Tensor(out, descale, x.dtype) if fp8 else out
     out = rotate(norm(x), freqs_cis)
-    return fp8_attention.quantize(out, tokens) if fp8 else out
+    return fp8_attention.quantize(out) if fp8 else out
 
 
 @functools.cache
@@ -95,10 +93,9 @@ def _classes():
             if (not fp8_attention.fits(query) or attn.norm_q is None or attn.norm_k is None or freqs_cis is None
                     or not (mask is None or (mask.ndim == 2 and mask.dtype == torch.bool))):
                 return None
-            tokens = fp8_attention.tokens_for(query)
-            o = fp8_attention.attend(norm_rotate(query, attn.norm_q, freqs_cis, True, tokens),
-                                     norm_rotate(key, attn.norm_k, freqs_cis, True, tokens),
-                                     fp8_attention.quantize(value, tokens), mask, query.shape[1])
+            o = fp8_attention.attend(norm_rotate(query, attn.norm_q, freqs_cis, fp8=True),
+                                     norm_rotate(key, attn.norm_k, freqs_cis, fp8=True),
+                                     fp8_attention.quantize(value), mask)
             proj = attn.to_out[0]
             takes = isinstance(proj, Fp8Linear) and proj.takes_rows(o.q.shape.numel() // o.q.shape[-1])
             out = proj(o if takes else fp8_attention.dequantize(o))

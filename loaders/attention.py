@@ -8,8 +8,6 @@ workflows in one ComfyUI process never see each other's choice.
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
-import importlib.util
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -19,6 +17,7 @@ from torch import nn
 
 from . import fp8_attention
 from .errors import ZImageError
+from .packages import why_missing
 
 
 class AttentionBackend(str, Enum):
@@ -57,13 +56,6 @@ _PACKAGES = {
 _NEEDS_CUDA = {AttentionBackend.SDPA_FLASH, AttentionBackend.SDPA_CUDNN, AttentionBackend.SDPA_EFFICIENT,
                AttentionBackend.XFORMERS, AttentionBackend.FLASH_ATTN, AttentionBackend.SAGE}
 
-def _version_tuple(v: str) -> tuple[int, ...]:
-    out = []
-    for part in v.split("+")[0].split("."):
-        digits = "".join(ch for ch in part if ch.isdigit())
-        out.append(int(digits) if digits else 0)
-    return tuple(out)
-
 def why_unavailable(backend: AttentionBackend, device: torch.device) -> str | None:
     """None if `backend` can run on `device` here; otherwise the reason and how to fix it."""
     if backend in (AttentionBackend.AUTO, AttentionBackend.SDPA, AttentionBackend.SDPA_MATH):
@@ -71,14 +63,9 @@ def why_unavailable(backend: AttentionBackend, device: torch.device) -> str | No
     if backend == AttentionBackend.CUDNN_FP8:
         return fp8_attention.why_unavailable(device)
     if backend in _PACKAGES:
-        module, pip_name, lowest = _PACKAGES[backend]
-        if importlib.util.find_spec(module) is None:
-            return f"the package {pip_name} is not installed; install it with `pip install {pip_name}>={lowest}` " \
-                   f"(built for your torch and CUDA), or pick another attention backend"
-        have = importlib.metadata.version(pip_name)
-        if _version_tuple(have) < _version_tuple(lowest):
-            return f"{pip_name} {have} is installed but {lowest} or newer is needed; " \
-                   f"upgrade with `pip install -U {pip_name}>={lowest}`"
+        reason = why_missing(*_PACKAGES[backend], note="(built for your torch and CUDA)")
+        if reason:
+            return reason
     if backend == AttentionBackend.FLEX and not hasattr(torch.nn.attention, "flex_attention"):
         try:
             importlib.import_module("torch.nn.attention.flex_attention")

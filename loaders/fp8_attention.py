@@ -21,8 +21,6 @@ from:
 """
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import math
 from typing import NamedTuple
 
@@ -30,6 +28,7 @@ import torch
 
 from .fp8_rows import FP8, FP8_MAX, MIN_SCALE, Fp8Rows
 from .gpu_kernels import Guarded
+from .packages import why_missing
 
 try:  # Triton ships with PyTorch's CUDA wheels on Linux; not on CPU builds, often not on Windows
     import triton
@@ -52,18 +51,7 @@ def why_unavailable(device: torch.device) -> str | None:
                f"{cc[0]}.{cc[1]}); pick sdpa"
     if not torch.backends.cudnn.is_available():
         return "this torch build has no cuDNN; install PyTorch's CUDA build"
-    if importlib.util.find_spec(PACKAGE) is None:
-        return f"the package {PIP_NAME} is not installed; install it with `pip install {PIP_NAME}>={LOWEST}`, " \
-               f"or pick another attention backend"
-    have = importlib.metadata.version(PIP_NAME)
-    if _version(have) < _version(LOWEST):
-        return f"{PIP_NAME} {have} is installed but {LOWEST} or newer is needed; " \
-               f"upgrade with `pip install -U {PIP_NAME}>={LOWEST}`"
-    return None
-
-
-def _version(v: str) -> tuple[int, ...]:
-    return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in v.split("+")[0].split("."))
+    return why_missing(PACKAGE, PIP_NAME, LOWEST)
 
 
 def fits(q: torch.Tensor) -> bool:

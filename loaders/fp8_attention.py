@@ -181,8 +181,3 @@ def attend(q: Fp8Tensor, k: Fp8Tensor, v: Fp8Tensor, mask: torch.Tensor | None) 
 def dequantize(o: Fp8Rows) -> torch.Tensor:
     """fp8 rows back to their dtype (for a bf16 out-projection)."""
     return (o.q.float() * o.scale.reshape(*o.q.shape[:-1], 1)).to(o.dtype)
-
-
-def dequantize_tensor(t: Fp8Tensor) -> torch.Tensor:
-    """An Fp8Tensor back to its dtype (tests and benchmarks)."""
-    return (t.values.float() * t.descale).to(t.dtype)

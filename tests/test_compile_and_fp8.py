@@ -135,7 +135,9 @@ def test_fp8_attention_inputs_carry_one_scale_each(pack):
     assert got.values.float().abs().max() == 448  # the maximum lands on fp8's largest value
     norm = torch.nn.RMSNorm(32, eps=1e-6)
     freqs = torch.polar(torch.ones(1, 200, 16), torch.randn(1, 200, 16))
-    q = fa.dequantize_tensor(norm_rotate(v, norm, freqs, fp8=True))
+    q8 = norm_rotate(v, norm, freqs, fp8=True)
+    assert isinstance(q8, fa.Fp8Tensor) and q8.values.dtype == torch.float8_e4m3fn
+    q = q8.values.float() * q8.descale
     want = rotate(norm(v), freqs)
     assert q.shape == want.shape
     assert torch.nn.functional.cosine_similarity(q.flatten(), want.flatten(), dim=0) > 0.999

@@ -141,3 +141,38 @@ def test_fp8_attention_inputs_carry_one_scale_each(pack):
     want = rotate(norm(v), freqs)
     assert q.shape == want.shape
     assert torch.nn.functional.cosine_similarity(q.flatten(), want.flatten(), dim=0) > 0.999
+
+
+@pytest.mark.parametrize("matmul", ["bf16", "fp8"])
+def test_fp8_attention_path_with_a_cpu_stand_in_for_cudnn(tiny, pack, monkeypatch, matmul):
+    """The cudnn_fp8 path of the attention processor on this CPU, cuDNN's graph replaced by float32
+    attention over the dequantised fp8 inputs (what the graph computes, up to its own roundings)
+    and the same fp8 output: q and k from norm_rotate's fp8 path, v quantised, the mask passed on,
+    the output handed to an fp8 out-projection as rows or dequantised for a bf16 one. The image
+    stays close to the bf16-attention one; sequences fp8 attention does not take run as before."""
+    import torch.nn.functional as F
+
+    from zimage_nodes.loaders import fp8_attention as fa
+    from zimage_nodes.loaders.fp8_rows import FP8, Fp8Rows
+
+    calls = []
+
+    def attend(q, k, v, mask):
+        b, s, h, d = q.values.shape
+        calls.append(s)
+        qf, kf, vf = (t.values.float() * t.descale for t in (q, k, v))
+        m = None if mask is None else mask[:, None, None, :]
+        o = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (qf, kf, vf)), attn_mask=m).transpose(1, 2)
+        o8 = (o / v.descale).clamp(-448, 448).to(FP8)
+        return Fp8Rows(o8.reshape(b, s, h * d), v.descale.reshape(1, 1).expand(b * s, 1).contiguous(), q.dtype)
+
+    parts = load(tiny, matmul=matmul)
+    reference, _ = run(parts)
+    monkeypatch.setattr(fa, "why_unavailable", lambda device: None)
+    monkeypatch.setattr(fa, "fits", lambda q: q.shape[1] > 16)  # the image's tokens, not the caption's
+    monkeypatch.setattr(fa, "attend", attend)
+    out, report = run(parts, attention_backend="cudnn_fp8")
+    assert report.attention == "cudnn_fp8" and calls and all(s > 16 for s in calls)
+    # 80-82 dB here; with the attention's output zeroed the image still scores 53 dB (this tiny
+    # model's attention moves its latent little), so the bound sits between
+    assert psnr(out, reference) > 65

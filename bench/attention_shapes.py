@@ -164,15 +164,20 @@ def products():
     R["bf16_w1_w3_stacked_ms"] = timed(lambda: F.linear(x, w13))
 
 
-def main():
-    for part in (attention, products):
+def run_parts(parts, results: dict, filename: str) -> None:
+    """Each part in turn (a failure recorded, the rest still run), then `results` as JSON in $OUT."""
+    for part in parts:
         try:
             part()
         except Exception as e:  # noqa: BLE001
-            R[part.__name__ + "_error"] = repr(e)[:500]
-        print(json.dumps(R, indent=1), flush=True)
-    with open(os.path.join(os.environ.get("OUT", "."), "attention_shapes.json"), "w") as f:
-        json.dump(R, f, indent=1)
+            results[part.__name__ + "_error"] = repr(e)[:500]
+        print(json.dumps(results, indent=1), flush=True)
+    with open(os.path.join(os.environ.get("OUT", "."), filename), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+def main():
+    run_parts((attention, products), R, "attention_shapes.json")
 
 
 if __name__ == "__main__":

@@ -11,13 +11,15 @@
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from attention_shapes import run_parts, timed  # noqa: E402  (timed: n calls back to back, CUDA events)
 
 from loaders import fp8_attention as fa  # noqa: E402
 from loaders import modulation, norm_rope  # noqa: E402
@@ -25,19 +27,6 @@ from loaders.real_rope import norm_rotate  # noqa: E402
 
 DEV, BF16 = "cuda", torch.bfloat16
 R: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
-
-
-def timed(fn, n: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return round(start.elapsed_time(end) / n, 4)
 
 
 def rms_norm(dim: int, eps: float, spread: float) -> torch.nn.RMSNorm:
@@ -92,14 +81,7 @@ def residual_then_norm_checks():
 
 def main():
     with torch.no_grad():
-        for part in (norm_rope_checks, residual_then_norm_checks):
-            try:
-                part()
-            except Exception as e:  # noqa: BLE001
-                R[part.__name__ + "_error"] = repr(e)[:400]
-    print(json.dumps(R, indent=1), flush=True)
-    with open(os.path.join(os.environ.get("OUT", "."), "session11_checks.json"), "w") as f:
-        json.dump(R, f, indent=1)
+        run_parts((norm_rope_checks, residual_then_norm_checks), R, "session11_checks.json")
 
 
 if __name__ == "__main__":

@@ -78,11 +78,18 @@ if triton is not None:
     def _gated_residual(x_ptr, g_ptr, y_ptr, w_ptr, out_ptr, tokens, g_stride, eps, D: tl.constexpr,
                         BLOCK: tl.constexpr):
         row, d, m = _this_row(D, BLOCK)
+        _residual(x_ptr, g_ptr, y_ptr, w_ptr, out_ptr, row, tokens, g_stride, d, m, eps, D)
+
+    @triton.jit
+    def _residual(x_ptr, g_ptr, y_ptr, w_ptr, out_ptr, row, tokens, g_stride, d, m, eps, D: tl.constexpr):
+        """x + gate * norm(y) for one row, rounded as eager rounds it, stored; returned too."""
         dt = out_ptr.dtype.element_ty
         n = _normed_row(y_ptr, w_ptr, row * D + d, d, m, eps, D, dt)
         g = tl.load(g_ptr + (row // tokens) * g_stride + d, mask=m, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + row * D + d, mask=m, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * D + d, (x + (g * n).to(dt).to(tl.float32)).to(dt), mask=m)
+        x = (x + (g * n).to(dt).to(tl.float32)).to(dt)
+        tl.store(out_ptr + row * D + d, x, mask=m)
+        return x
 
     @triton.jit
     def _gated_residual_norm_scale(x_ptr, g_ptr, y_ptr, w_ptr, out_ptr, w1_ptr, s_ptr, h_ptr, h_scale_ptr, tokens,
@@ -92,11 +99,7 @@ if triton is not None:
         the block's residual after its attention and the feed-forward's input in one pass."""
         row, d, m = _this_row(D, BLOCK)
         dt = out_ptr.dtype.element_ty
-        n = _normed_row(y_ptr, w_ptr, row * D + d, d, m, eps, D, dt)
-        g = tl.load(g_ptr + (row // tokens) * g_stride + d, mask=m, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + row * D + d, mask=m, other=0.0).to(tl.float32)
-        x = (x + (g * n).to(dt).to(tl.float32)).to(dt)
-        tl.store(out_ptr + row * D + d, x, mask=m)
+        x = _residual(x_ptr, g_ptr, y_ptr, w_ptr, out_ptr, row, tokens, g_stride, d, m, eps, D)
         y = _normed(tl.where(m, x.to(tl.float32), 0.0), w1_ptr, d, m, eps1, D, dt)
         _scaled_out(y, s_ptr, h_ptr, h_scale_ptr, row, tokens, s_stride, d, m, D, dt, True, FP8)
 
@@ -120,6 +123,12 @@ def _norm_weight(norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return w
 
 
+def _normed_room(x: torch.Tensor, fp8: bool) -> tuple[torch.Tensor | Fp8Rows, tuple]:
+    """Room for a norm_scale result (fp8 rows or x's dtype) and the kernel's two output pointers."""
+    out = fp8_rows.empty_rows(x) if fp8 else torch.empty_like(x)
+    return out, ((out.q, out.scale) if fp8 else (out, out))
+
+
 def _run(kernel_name: str, x: torch.Tensor, args: tuple, vec: torch.Tensor, eps: float,
          raw: bool = False, fp8: bool = False) -> torch.Tensor | Fp8Rows:
     """(`raw` and `fp8` for the kernels that end in norm_scale: the kernel adds the 1; it writes fp8
@@ -127,8 +136,7 @@ def _run(kernel_name: str, x: torch.Tensor, args: tuple, vec: torch.Tensor, eps:
     tokens, dim = x.shape[1], x.shape[2]
     with torch.cuda.device(x.device):  # Triton launches on the current device (gpu_kernels)
         if kernel_name == "norm_scale":
-            out = fp8_rows.empty_rows(x) if fp8 else torch.empty_like(x)
-            dest = (out.q, out.scale) if fp8 else (out, out)
+            out, dest = _normed_room(x, fp8)
             _norm_scale[(x.shape[0] * tokens,)](*args, *dest, tokens, vec.stride(0), eps, D=dim,
                                                 BLOCK=triton.next_power_of_2(dim), num_warps=_WARPS, RAW=raw, FP8=fp8)
         elif kernel_name == "gated_residual":
@@ -138,8 +146,7 @@ def _run(kernel_name: str, x: torch.Tensor, args: tuple, vec: torch.Tensor, eps:
         else:  # gated_residual_norm_scale: args (x, gate, y, w), (w1, scale, eps1)
             (x_, g, y, w), (w1, scale, eps1) = args
             out = torch.empty_like(x)
-            h = fp8_rows.empty_rows(x) if fp8 else torch.empty_like(x)
-            dest = (h.q, h.scale) if fp8 else (h, h)
+            h, dest = _normed_room(x, fp8)
             _gated_residual_norm_scale[(x.shape[0] * tokens,)](
                 x_, g, y, w, out, w1, scale, *dest, tokens, vec.stride(0), scale.stride(0), eps, eps1, D=dim,
                 BLOCK=triton.next_power_of_2(dim), num_warps=_WARPS, FP8=fp8)

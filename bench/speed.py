@@ -117,22 +117,23 @@ def run_pack(parts, pos, label, attention="sdpa", compile_blocks=False, matmul="
     return sample
 
 
-def profile(parts, pos, label):
-    """Where one image's GPU time goes (`label`: compiled_bf16 or compiled_fp8 or eager_bf16),
-    after a warm-up: the top kernels by CUDA time, to $OUT/profile_<label>.txt, and its trace to
-    $OUT/trace_<label>.json.gz."""
+def profile(parts, pos, label, attention="sdpa"):
+    """Where one image's GPU time goes (`label`: a config's, e.g. eager_cudnnfp8_fp8 with its
+    attention backend), after a warm-up: the top kernels by CUDA time, to $OUT/profile_<label>.txt,
+    and its trace to $OUT/trace_<label>.json.gz."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     compiled, matmul = label.startswith("compiled"), label.rsplit("_", 1)[1]
     configure(parts, 0, matmul)
     latent = torch.zeros(1, 16, RES // 8, RES // 8)
-    out, _ = denoise(parts, pos, None, latent, seed=0, steps=STEPS, compile_blocks=compiled)
+    kw = dict(steps=STEPS, compile_blocks=compiled, attention_backend=attention)
+    out, _ = denoise(parts, pos, None, latent, seed=0, **kw)
     decode(parts.vae, out)
     sync()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
     with torch_profile(activities=acts) as prof:
-        out, _ = denoise(parts, pos, None, latent, seed=1, steps=STEPS, compile_blocks=compiled)
+        out, _ = denoise(parts, pos, None, latent, seed=1, **kw)
         sync()
         decode(parts.vae, out)
         sync()
@@ -253,6 +254,7 @@ def main():
         ("compiled_sdpa_bf16_8GiB", "sdpa", True, "bf16", 8),
         ("eager_sdpa_fp8_4GiB", "sdpa", False, "fp8", 4), ("compiled_sdpa_fp8_4GiB", "sdpa", True, "fp8", 4),
     ]
+    attention_of = {c[0]: c[1] for c in configs}  # for PROFILE, whether or not CONFIGS runs the label
     wanted = {c for c in os.environ.get("CONFIGS", "").split(",") if c}
     configs = [c for c in configs if not wanted or c[0] in wanted]
     images = {}
@@ -278,7 +280,7 @@ def main():
             R["runs"][label]["image_bitwise_equal_eager_bf16"] = bool(torch.equal(img, ref))
     save()
     for label in [c for c in os.environ.get("PROFILE", "").split(",") if c]:
-        profile(parts, pos, label)
+        profile(parts, pos, label, attention_of.get(label, "sdpa"))
     parts_wanted = os.environ.get("PARTS", "resolutions,decodes,run_diffusers").split(",")
     for fn in [f for f in (resolutions, decodes, run_diffusers) if f.__name__ in parts_wanted]:
         try:

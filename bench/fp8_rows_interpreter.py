@@ -55,7 +55,11 @@ def main():
                          modulation._run("norm_scale", x, (x, w, raw), raw, 1e-5, True, False)))
     a = torch.randn(2, 16, 10240).to(torch.bfloat16) * 2
     b = torch.randn(2, 16, 10240).to(torch.bfloat16)
-    results.append(check("silu_mul rows", silu_gate._run_rows(a, b), silu_gate._run(a, b)))
+    spent = a.clone()
+    results.append(check("silu_mul rows", silu_gate._run_rows(spent, b), silu_gate._run(a, b)))
+    left = torch.equal(spent, silu_gate._run(a, b))  # the rows kernel leaves the products in its first input
+    print(f"silu_mul rows: products left in a {'equal' if left else 'DIFFER'}", flush=True)
+    results.append(left)
     results.append(check_attention_inputs())
     results.append(check_residual_then_norm())
     sys.exit(0 if all(results) else 1)

@@ -8,7 +8,8 @@ with CUDA's own `expf` and IEEE division, rounded to the activations' dtype, the
 float32, rounded again. On a GPU it gives eager's bits.
 
 Before an fp8 w2 (fp8_matmul), a row at a time: the product rounded as above, then written as an
-fp8 row and its scale (fp8_rows), which w2 takes as it is.
+fp8 row and its scale (fp8_rows), which w2 takes as it is. That kernel keeps the products in
+w1's output between its two passes (its values are spent by then), so it computes each once.
 
 `use_fused_gate` gives Z-Image's feed-forward modules a forward that calls it on GPUs, eagerly;
 under torch.compile (which fuses the two itself), on a CPU, without Triton, or once a launch
@@ -59,23 +60,34 @@ if triton is not None:
         tl.store(out_ptr + i, _gate(a_ptr, b_ptr, i, m, dt, CUDA_EXP).to(dt), mask=m)
 
     @triton.jit
-    def _silu_mul_rows(a_ptr, b_ptr, q_ptr, s_ptr, D: tl.constexpr, BLOCK: tl.constexpr, CUDA_EXP: tl.constexpr):
-        """One row in two passes of BLOCK-wide chunks: its absolute maximum, then its fp8 values.
-        The second pass reads the row again from L2. (The whole 10240-wide row at once, padded to
-        16384 and held in registers, ran at 0.78 TB/s: 0.27 ms at a step's shape, H100.)"""
+    def _silu_mul_rows(a_ptr, b_ptr, q_ptr, s_ptr, D: tl.constexpr, BLOCK: tl.constexpr, CUDA_EXP: tl.constexpr,
+                       RECOMPUTE: tl.constexpr):
+        """One row in two passes of BLOCK-wide chunks: the products and their absolute maximum, the
+        products written over `a` (whose values are then spent); then the products read back (from
+        L2) as fp8 values. The kernel is bound by its arithmetic, not its memory: the SiLU's `expf`
+        and two IEEE divisions an element; computing the products once instead of in both passes cut
+        ~35 of ~90 instructions an element. (The whole 10240-wide row at once, padded to 16384 and
+        held in registers, ran at 0.78 TB/s: 0.27 ms at a step's shape, H100.) RECOMPUTE: the
+        products computed again in the second pass and `a` left alone, for bench/fp8_kernels.py."""
         row = tl.program_id(0).to(tl.int64)
         dt = a_ptr.dtype.element_ty
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, D, BLOCK):
             d = start + tl.arange(0, BLOCK)
             m = d < D
-            amax = tl.maximum(amax, tl.where(m, tl.abs(_gate(a_ptr, b_ptr, row * D + d, m, dt, CUDA_EXP)), 0.0))
+            g = _gate(a_ptr, b_ptr, row * D + d, m, dt, CUDA_EXP)
+            if not RECOMPUTE:
+                tl.store(a_ptr + row * D + d, g.to(dt), mask=m)  # exact: _gate rounded it to dt
+            amax = tl.maximum(amax, tl.where(m, tl.abs(g), 0.0))
         s = fp8_rows.scale_of(tl.max(amax, axis=0))
         tl.store(s_ptr + row, s)
         for start in range(0, D, BLOCK):
             d = start + tl.arange(0, BLOCK)
             m = d < D
-            g = _gate(a_ptr, b_ptr, row * D + d, m, dt, CUDA_EXP)
+            if RECOMPUTE:
+                g = _gate(a_ptr, b_ptr, row * D + d, m, dt, CUDA_EXP)
+            else:
+                g = tl.load(a_ptr + row * D + d, mask=m, other=0.0).to(tl.float32)
             tl.store(q_ptr + row * D + d, tl.math.div_rn(g, s).to(q_ptr.dtype.element_ty), mask=m)
 
 
@@ -98,14 +110,15 @@ def _run(a: torch.Tensor, b: torch.Tensor, block: int = _BLOCK, warps: int = _WA
 launch = Guarded(_run)
 
 
-def _run_rows(a: torch.Tensor, b: torch.Tensor, block: int = 2048, warps: int = 8) -> Fp8Rows:
-    """(bench/fp8_kernels.py times other `block` and `warps`.)"""
+def _run_rows(a: torch.Tensor, b: torch.Tensor, block: int = 2048, warps: int = 8, recompute: bool = False) -> Fp8Rows:
+    """Overwrites `a` with the products. (bench/fp8_kernels.py times other `block` and `warps`, and
+    `recompute`: the products computed in both passes, `a` left alone.)"""
     out = fp8_rows.empty_rows(a)
     dim = a.shape[-1]
     block = min(block, triton.next_power_of_2(dim))
     with torch.cuda.device(a.device):
         _silu_mul_rows[(a.numel() // dim,)](a, b, out.q, out.scale, D=dim, BLOCK=block, num_warps=warps,
-                                            CUDA_EXP=_CUDA_EXP)
+                                            CUDA_EXP=_CUDA_EXP, RECOMPUTE=recompute)
     return out
 
 
@@ -113,8 +126,9 @@ launch_rows = Guarded(_run_rows)
 
 
 def silu_mul(a: torch.Tensor, b: torch.Tensor, fp8: bool = False) -> torch.Tensor | Fp8Rows:
-    """`F.silu(a) * b`; `fp8`: its rows quantised for an fp8 matmul in the same pass (`Fp8Rows`)
-    where the kernel runs."""
+    """`F.silu(a) * b`; `fp8`: its rows quantised for an fp8 matmul in the same kernel (`Fp8Rows`)
+    where the kernel runs, which then leaves the products (bf16) in `a`'s memory: pass an `a`
+    that nothing reads afterwards."""
     if fits(a, b):
         if fp8:
             rows = launch_rows(a, b)

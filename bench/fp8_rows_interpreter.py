@@ -101,10 +101,13 @@ def check_attention_inputs():
     ok = ok and bool(bf16.float().abs().max() <= d ** 0.5 * w.float().abs().max() * (1 + 2 ** -7))
     v = (torch.randn(b, s, h, d) * 5).to(torch.bfloat16)
     amax = torch.linalg.vector_norm(v, ord=float("inf"))
-    got, vscale = torch.empty(v.shape), torch.empty(1, 1, 1, 1)
-    fp8_attention._per_tensor[(triton.cdiv(v.numel(), 4096),)](v, amax, got, vscale, v.numel(), BLOCK=4096)
+    got, rows = torch.empty(v.shape), torch.empty(b * s, 1)
+    vscale, inverse = torch.empty(1, 1, 1, 1), torch.empty(1, 1, 1, 1)
+    fp8_attention._per_tensor[(triton.cdiv(v.numel(), 4096),)](v, amax, got, vscale, inverse, rows, v.numel(), b * s,
+                                                               BLOCK=4096)
     want = (v.float().abs().max() / 448).reshape(1, 1, 1, 1)
     ok = ok and torch.equal(vscale, want) and torch.equal(got, (v.float() / want).clamp(-448, 448))
+    ok = ok and torch.equal(inverse, 1.0 / want) and torch.equal(rows, want.reshape(1, 1).expand(b * s, 1))
     print(f"attention q/k/v: scales and values {'equal' if ok else 'DIFFER'}", flush=True)
     return ok
 

@@ -63,42 +63,50 @@ def fits(q: torch.Tensor) -> bool:
 
 class Fp8Tensor(NamedTuple):
     """A tensor as float8_e4m3fn `values` and one float32 `descale` [1, 1, 1, 1] (values x descale
-    = the tensor); `dtype`: the tensor's own."""
+    = the tensor); `dtype`: the tensor's own. v's quantiser also writes what the attention's output
+    needs of its scale, in the same kernel: `scale` (1 / descale) and `row_descales` (descale per
+    token row, [batch * tokens, 1]); None where PyTorch's path made it."""
     values: torch.Tensor
     descale: torch.Tensor
     dtype: torch.dtype
+    scale: torch.Tensor | None = None
+    row_descales: torch.Tensor | None = None
 
 
 if triton is not None:
     @triton.jit
-    def _per_tensor(x_ptr, amax_ptr, q_ptr, descale_ptr, n, BLOCK: tl.constexpr):
-        """x / (amax / 448) in fp8, rounded to nearest; program 0 writes the descale."""
+    def _per_tensor(x_ptr, amax_ptr, q_ptr, descale_ptr, scale_ptr, rows_ptr, n, rows, BLOCK: tl.constexpr):
+        """x / (amax / 448) in fp8, rounded to nearest; program 0 writes the descale and its inverse,
+        the first programs the descale once per row (two small PyTorch launches fewer a layer)."""
         i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = i < n
         s = tl.maximum(tl.load(amax_ptr).to(tl.float32) * (1.0 / 448.0), 1e-12)
         x = tl.load(x_ptr + i, mask=m, other=0.0).to(tl.float32)
         tl.store(q_ptr + i, tl.clamp(tl.math.div_rn(x, s), -448.0, 448.0).to(q_ptr.dtype.element_ty), mask=m)
+        tl.store(rows_ptr + i, tl.zeros([BLOCK], dtype=tl.float32) + s, mask=i < rows)
         if tl.program_id(0) == 0:
             tl.store(descale_ptr, s)
+            tl.store(scale_ptr, tl.math.div_rn(1.0, s))
 
 
 def _quantize(x: torch.Tensor) -> Fp8Tensor:
     amax = torch.linalg.vector_norm(x, ord=math.inf)  # one reduction, no |x| written out
     q = torch.empty(x.shape, dtype=FP8, device=x.device)
-    descale = torch.empty(1, 1, 1, 1, dtype=torch.float32, device=x.device)
+    descale, scale = torch.empty(2, 1, 1, 1, 1, dtype=torch.float32, device=x.device)
+    rows = torch.empty(x.shape[:2].numel(), 1, dtype=torch.float32, device=x.device)  # x [batch, tokens, ...]
     with torch.cuda.device(x.device):  # Triton launches on the current device (gpu_kernels)
-        _per_tensor[(triton.cdiv(x.numel(), _BLOCK),)](x, amax, q, descale, x.numel(), BLOCK=_BLOCK,
-                                                       num_warps=_WARPS)
-    return Fp8Tensor(q, descale, x.dtype)
+        _per_tensor[(triton.cdiv(x.numel(), _BLOCK),)](x, amax, q, descale, scale, rows, x.numel(), rows.shape[0],
+                                                       BLOCK=_BLOCK, num_warps=_WARPS)
+    return Fp8Tensor(q, descale, x.dtype, scale, rows)
 
 
 _launch = Guarded(_quantize)
 
 
 def quantize(x: torch.Tensor) -> Fp8Tensor:
-    """x to fp8 with one scale, max|x| / 448: two kernels on a GPU (v, whose values no bound
-    limits), else PyTorch's operations."""
-    if triton is not None and x.is_cuda and x.is_contiguous() and not torch.compiler.is_compiling():
+    """x [batch, tokens, ...] to fp8 with one scale, max|x| / 448: two kernels on a GPU (v, whose
+    values no bound limits), else PyTorch's operations."""
+    if triton is not None and x.is_cuda and x.is_contiguous() and x.ndim >= 2 and not torch.compiler.is_compiling():
         out = _launch(x)
         if out is not None:
             return out
@@ -145,6 +153,18 @@ class _Graph:
         self.s_scale = torch.full((1, 1, 1, 1), FP8_MAX, dtype=torch.float32, device=device)
         self.s_descale = torch.full((1, 1, 1, 1), 1.0 / FP8_MAX, dtype=torch.float32, device=device)
         self.maxima = torch.empty(2, 1, 1, 1, 1, dtype=torch.float32, device=device)
+        self.batch, self.tokens = batch, tokens
+        self._mask, self._lengths = None, None
+
+    def lengths(self, mask: torch.Tensor | None) -> torch.Tensor:
+        """Each item's token count [batch, 1, 1, 1] int32: counted once per mask (every layer of a
+        step gets the same mask tensor; holding it keeps its identity from being reused)."""
+        if mask is not self._mask or self._lengths is None:
+            b = self.batch
+            self._lengths = (torch.full((b, 1, 1, 1), self.tokens, dtype=torch.int32, device=self.workspace.device)
+                             if mask is None else mask.reshape(b, -1).sum(dim=1, dtype=torch.int32).reshape(b, 1, 1, 1))
+            self._mask = mask
+        return self._lengths
 
     def __call__(self, q8, k8, v8, descale_q, descale_k, descale_v, scale_o, lengths) -> torch.Tensor:
         o8 = torch.empty_like(q8)
@@ -170,12 +190,10 @@ def attend(q: Fp8Tensor, k: Fp8Tensor, v: Fp8Tensor, mask: torch.Tensor | None) 
     graph = _GRAPHS.get(key)
     if graph is None:
         graph = _GRAPHS[key] = _Graph(q.values.device, b, s, h, d)
-    if mask is None:
-        lengths = torch.full((b, 1, 1, 1), s, dtype=torch.int32, device=q.values.device)
-    else:
-        lengths = mask.reshape(b, -1).sum(dim=1, dtype=torch.int32).reshape(b, 1, 1, 1)
-    o8 = graph(q.values, k.values, v.values, q.descale, k.descale, v.descale, 1.0 / v.descale, lengths)
-    return Fp8Rows(o8.reshape(b, s, h * d), v.descale.reshape(1, 1).expand(b * s, 1).contiguous(), q.dtype)
+    o8 = graph(q.values, k.values, v.values, q.descale, k.descale, v.descale,
+               1.0 / v.descale if v.scale is None else v.scale, graph.lengths(mask))
+    rows = v.descale.reshape(1, 1).expand(b * s, 1).contiguous() if v.row_descales is None else v.row_descales
+    return Fp8Rows(o8.reshape(b, s, h * d), rows, q.dtype)
 
 
 def dequantize(o: Fp8Rows) -> torch.Tensor:

@@ -6,7 +6,7 @@ new resolution; VAE decode time and peak at 1024² and 2048²; compiled blocks w
 
     python bench/speed.py            # env: OUT (results folder), WORK (weights), TOKENIZER,
                                      # CONFIGS=label,label (a subset), PROFILE=compiled_bf16,compiled_fp8
-                                     # (kernel tables), PARTS=resolutions,decodes,run_diffusers,host_lead
+                                     # (kernel tables), PARTS=resolutions,decodes,run_diffusers,
                                      # PLAIN_KERNELS=silu_gate,norm_rope (eager and compiled
                                      # bf16 again without those modules' Triton kernels)
 Without a GPU it runs a smoke test of itself on tiny random models (64x64, CPU).
@@ -146,43 +146,6 @@ def profile(parts, pos, label, attention="sdpa"):
         prof.export_chrome_trace(os.path.join(OUT, f"trace_{label}.json.gz"))
 
 
-def host_lead(parts, pos):
-    """How fast the host queues a step when it never waits for the GPU: at the first step a sleep
-    kernel (~2 s) holds the GPU, so each step's host time (stamped at every step's end) is its
-    enqueue cost alone. Per config: host ms a step against the run's s/step; host time close to
-    the step means the eager step is bound by the host's launches, not the GPU."""
-    from loaders.sampling import StepHooks
-
-    for label, att, mm in (("eager_sdpa_bf16", "sdpa", "bf16"), ("eager_sdpa_fp8", "sdpa", "fp8"),
-                           ("eager_cudnnfp8_fp8", "cudnn_fp8", "fp8"))[:3 if CUDA else 2]:
-        configure(parts, 0, mm)
-        latent = torch.zeros(1, 16, RES // 8, RES // 8)
-        kw = dict(steps=STEPS, attention_backend=att)
-        denoise(parts, pos, None, latent, seed=0, **kw)  # warm: graphs, replicas
-        stamps: list[float] = []  # host time at the end of each step
-        held: list[bool] = []
-
-        def hold():
-            if not held and CUDA:
-                torch.cuda._sleep(4_000_000_000)  # clock cycles: ~2 s on a 1.98 GHz H100
-            held.append(True)
-
-        hooks = StepHooks(check_interrupt=hold, on_step=lambda i, n, x0: stamps.append(time.perf_counter()))
-        sync()
-        t0 = time.perf_counter()
-        denoise(parts, pos, None, latent, seed=1, hooks=hooks, **kw)
-        sync()
-        total = time.perf_counter() - t0
-        host = [b - a for a, b in zip(stamps, stamps[1:])]  # steps 2.. (the first one launched the hold)
-        R.setdefault("host_lead", {})[label] = {
-            "host_ms_per_step_median": round(statistics.median(host) * 1e3, 2) if host else None,
-            "host_ms_per_step": [round(h * 1e3, 2) for h in host],
-            "denoise_s_with_hold": round(total, 3),
-            "run_s_per_step": R["runs"].get(label, {}).get("s_per_step")}
-        print("host_lead", label, R["host_lead"][label], flush=True)
-    save()
-
-
 def resolutions(parts, pos):
     """Compiled blocks on new resolutions after 1024²: graphs compiled and the first step's time."""
     configure(parts, 0, "bf16")
@@ -319,7 +282,7 @@ def main():
     for label in [c for c in os.environ.get("PROFILE", "").split(",") if c]:
         profile(parts, pos, label, attention_of.get(label, "sdpa"))
     parts_wanted = os.environ.get("PARTS", "resolutions,decodes,run_diffusers").split(",")
-    for fn in [f for f in (host_lead, resolutions, decodes, run_diffusers) if f.__name__ in parts_wanted]:
+    for fn in [f for f in (resolutions, decodes, run_diffusers) if f.__name__ in parts_wanted]:
         try:
             fn(parts, pos)
         except Exception as e:

@@ -4,8 +4,8 @@ PyTorch's SDPA has no fp8 attention (2.11); cuDNN has one, reached through NVIDI
 package (`pip install nvidia-cudnn-frontend`), which builds a graph per shape (under a second,
 once per process and shape) and runs it on PyTorch's tensors and stream. At a 1024x1024 step
 (4128 tokens, 30 heads of 128) on an H100 it took 0.314 ms a layer against 0.493 for PyTorch's
-cuDNN bf16 attention, and an eager fp8 image 0.616 s against 0.651 with bf16 attention (39.4 dB
-against eager bf16; bench/NOTES.md, session 11). The graph takes each image's token count (a
+cuDNN bf16 attention, and an eager fp8 image 0.594 s against 0.640 with bf16 attention (39.4 dB
+against eager bf16; bench/NOTES.md, session 12). The graph takes each image's token count (a
 padding mask) even when nothing is masked: it ran faster so (0.314 against 0.354 ms); padding
 the tokens to 4160 or 4224 did not (0.321, 0.323).
 

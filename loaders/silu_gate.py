@@ -64,10 +64,10 @@ if triton is not None:
                        RECOMPUTE: tl.constexpr):
         """One row in two passes of BLOCK-wide chunks: the products and their absolute maximum, the
         products written over `a` (whose values are then spent); then the products read back (from
-        L2) as fp8 values. The kernel is bound by its arithmetic, not its memory: the SiLU's `expf`
-        and two IEEE divisions an element; computing the products once instead of in both passes cut
-        ~35 of ~90 instructions an element. (The whole 10240-wide row at once, padded to 16384 and
-        held in registers, ran at 0.78 TB/s: 0.27 ms at a step's shape, H100.) RECOMPUTE: the
+        L2) as fp8 values. Its arithmetic (the SiLU's `expf`, two IEEE divisions an element) costs
+        as much as its memory: computing the products once instead of in both passes took it from
+        0.121 to 0.110 ms at a step's shape (H100, bench/fp8_kernels.py). (The whole 10240-wide
+        row at once, padded to 16384 and held in registers, ran at 0.78 TB/s: 0.27 ms.) RECOMPUTE: the
         products computed again in the second pass and `a` left alone, for bench/fp8_kernels.py."""
         row = tl.program_id(0).to(tl.int64)
         dt = a_ptr.dtype.element_ty

@@ -64,8 +64,8 @@ def fits(q: torch.Tensor) -> bool:
 class Fp8Tensor(NamedTuple):
     """A tensor as float8_e4m3fn `values` and one float32 `descale` [1, 1, 1, 1] (values x descale
     = the tensor); `dtype`: the tensor's own. v's quantiser also writes what the attention's output
-    needs of its scale, in the same kernel: `scale` (1 / descale) and `row_descales` (descale per
-    token row, [batch * tokens, 1]); None where PyTorch's path made it."""
+    needs of its scale: `scale` (1 / descale) and `row_descales` (descale per token row,
+    [batch * tokens, 1]), on a GPU in its own kernel; q and k (norm_rope's kernel) have None."""
     values: torch.Tensor
     descale: torch.Tensor
     dtype: torch.dtype
@@ -106,12 +106,13 @@ _launch = Guarded(_quantize)
 def quantize(x: torch.Tensor) -> Fp8Tensor:
     """x [batch, tokens, ...] to fp8 with one scale, max|x| / 448: two kernels on a GPU (v, whose
     values no bound limits), else PyTorch's operations."""
-    if triton is not None and x.is_cuda and x.is_contiguous() and x.ndim >= 2 and not torch.compiler.is_compiling():
+    if triton is not None and x.is_cuda and x.is_contiguous() and not torch.compiler.is_compiling():
         out = _launch(x)
         if out is not None:
             return out
     descale = (x.abs().amax().float() * (1.0 / FP8_MAX)).clamp(min=MIN_SCALE).reshape(1, 1, 1, 1)
-    return Fp8Tensor((x.float() / descale).clamp(-FP8_MAX, FP8_MAX).to(FP8), descale, x.dtype)
+    rows = descale.reshape(1, 1).expand(x.shape[:2].numel(), 1).contiguous()
+    return Fp8Tensor((x.float() / descale).clamp(-FP8_MAX, FP8_MAX).to(FP8), descale, x.dtype, 1.0 / descale, rows)
 
 
 class _Graph:
@@ -190,10 +191,8 @@ def attend(q: Fp8Tensor, k: Fp8Tensor, v: Fp8Tensor, mask: torch.Tensor | None) 
     graph = _GRAPHS.get(key)
     if graph is None:
         graph = _GRAPHS[key] = _Graph(q.values.device, b, s, h, d)
-    o8 = graph(q.values, k.values, v.values, q.descale, k.descale, v.descale,
-               1.0 / v.descale if v.scale is None else v.scale, graph.lengths(mask))
-    rows = v.descale.reshape(1, 1).expand(b * s, 1).contiguous() if v.row_descales is None else v.row_descales
-    return Fp8Rows(o8.reshape(b, s, h * d), rows, q.dtype)
+    o8 = graph(q.values, k.values, v.values, q.descale, k.descale, v.descale, v.scale, graph.lengths(mask))
+    return Fp8Rows(o8.reshape(b, s, h * d), v.row_descales, q.dtype)
 
 
 def dequantize(o: Fp8Rows) -> torch.Tensor:

@@ -164,7 +164,8 @@ def test_fp8_attention_path_with_a_cpu_stand_in_for_cudnn(tiny, pack, monkeypatc
         m = None if mask is None else mask[:, None, None, :]
         o = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (qf, kf, vf)), attn_mask=m).transpose(1, 2)
         o8 = (o / v.descale).clamp(-448, 448).to(FP8)
-        return Fp8Rows(o8.reshape(b, s, h * d), v.descale.reshape(1, 1).expand(b * s, 1).contiguous(), q.dtype)
+        assert torch.equal(v.scale, 1.0 / v.descale) and v.row_descales.shape == (b * s, 1)
+        return Fp8Rows(o8.reshape(b, s, h * d), v.row_descales, q.dtype)  # as attend: v's scale per row
 
     parts = load(tiny, matmul=matmul)
     reference, _ = run(parts)

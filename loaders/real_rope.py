@@ -16,7 +16,7 @@ from torch import nn
 
 from . import fp8_attention, norm_rope
 from .class_swap import ClassSwap
-from .fp8_matmul import Fp8Linear
+from .fp8_matmul import take_fp8_rows
 
 
 def rotate(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
@@ -97,8 +97,7 @@ def _classes():
                                      norm_rotate(key, attn.norm_k, freqs_cis, fp8=True),
                                      fp8_attention.quantize(value), mask)
             proj = attn.to_out[0]
-            takes = isinstance(proj, Fp8Linear) and proj.takes_rows(o.q.shape.numel() // o.q.shape[-1])
-            out = proj(o if takes else fp8_attention.dequantize(o))
+            out = proj(o if take_fp8_rows(o.q, proj) else fp8_attention.dequantize(o))
             return attn.to_out[1](out) if len(attn.to_out) > 1 else out
 
     return ZSingleStreamAttnProcessor, RealRopeAttnProcessor

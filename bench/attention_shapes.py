@@ -6,9 +6,12 @@
   each against float32 attention (relative error);
 - q, k and v as one stacked product ([3840, 11520]) against three, in bf16 and fp8 (branch
   `qkv-stacked` has the code that stacked them); w1 and w3 stacked;
-- the cost of quantising v to fp8 with PyTorch's operations.
+- the cost of quantising v to fp8 with PyTorch's operations;
+- every cuDNN plan for the bf16 attention (`bf16_plans`), and each bf16 product with cuBLAS
+  against cuBLASLt (`blas_products`), session 13's probes for the bf16 step.
 
-    python3 bench/attention_shapes.py     # env: OUT; needs nvidia-cudnn-frontend
+    python3 bench/attention_shapes.py     # env: OUT, PARTS=attention,products,bf16_plans,blas_products;
+                                          # needs nvidia-cudnn-frontend
 Results: bench/results/attention_shapes_*.json (bench/NOTES.md, session 11).
 """
 from __future__ import annotations
@@ -47,9 +50,11 @@ def rel_error(got: torch.Tensor, exact: torch.Tensor) -> float:
     return round(((got.float() - exact).norm() / exact.norm()).item(), 5)
 
 
-def frontend_graph(handle, tokens: int, fp8: bool, masked: bool, q, k, v, exact):
+def frontend_graph(handle, tokens: int, fp8: bool, masked: bool, q, k, v, exact, every_plan: bool = False):
     """A cuDNN frontend attention graph over [1, tokens, H, D] buffers holding the S real tokens
-    (the rest zero, masked off when `masked`): (ms, relative error)."""
+    (the rest zero, masked off when `masked`): (ms, relative error) of the plan cuDNN's heuristics
+    pick, or with `every_plan` {plan index: (its name, ms, relative error)} over every plan that
+    heuristics A, B and the fallback offer and that builds here."""
     import cudnn
 
     io = cudnn.data_type.FP8_E4M3 if fp8 else cudnn.data_type.BFLOAT16
@@ -76,10 +81,10 @@ def frontend_graph(handle, tokens: int, fp8: bool, masked: bool, q, k, v, exact)
     o.set_output(True).set_dim(shape).set_stride(strides).set_data_type(io)
     g.validate()
     g.build_operation_graph()
-    g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    modes = [cudnn.heur_mode.A, cudnn.heur_mode.B, cudnn.heur_mode.FALLBACK] if every_plan \
+        else [cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK]
+    g.create_execution_plans(modes)
     g.check_support()
-    g.build_plans()
-    ws = torch.empty(g.get_workspace_size(), device=DEV, dtype=torch.uint8)
     dt = torch.float8_e4m3fn if fp8 else torch.bfloat16
     qb, kb, vb, ob = (torch.zeros(1, tokens, H, D, device=DEV, dtype=dt) for _ in range(4))
     sv = (v.abs().amax().float() / 448).reshape(1, 1, 1, 1) if fp8 else None
@@ -91,13 +96,27 @@ def frontend_graph(handle, tokens: int, fp8: bool, masked: bool, q, k, v, exact)
         pack.update({dq: one, dk: one, dv: sv, ds: one / 448, ss: one * 448, so: 1 / sv,
                      amax_s: torch.zeros_like(one), amax_o: torch.zeros_like(one)})
 
-    def run():
-        g.execute(pack, ws, handle=handle)
+    def measured(run):
+        ob.zero_()
+        run()
+        torch.cuda.synchronize()
+        out = ob[:, :S].float() * (sv if fp8 else 1)
+        return timed(run), rel_error(out.transpose(1, 2), exact)
 
-    run()
-    torch.cuda.synchronize()
-    out = ob[:, :S].float() * (sv if fp8 else 1)
-    return timed(run), rel_error(out.transpose(1, 2), exact)
+    if not every_plan:
+        g.build_plans()
+        ws = torch.empty(g.get_workspace_size(), device=DEV, dtype=torch.uint8)
+        return measured(lambda: g.execute(pack, ws, handle=handle))
+    plans = {}
+    for i in range(g.get_execution_plan_count()):
+        try:
+            g.build_plan_at_index(i)
+            ws = torch.empty(g.get_workspace_size_plan_at_index(i), device=DEV, dtype=torch.uint8)
+            plans[i] = (g.get_plan_name_at_index(i),
+                        *measured(lambda i=i, ws=ws: g.execute_plan_at_index(pack, ws, i, handle=handle)))
+        except Exception as e:  # noqa: BLE001  (a plan that does not build or run here)
+            plans[i] = repr(e)[:200]
+    return plans
 
 
 def attention():
@@ -164,6 +183,55 @@ def products():
     R["bf16_w1_w3_stacked_ms"] = timed(lambda: F.linear(x, w13))
 
 
+def bf16_plans():
+    """Every cuDNN plan for the step's bf16 attention (4128 tokens, with and without a padding
+    mask): whether one beats the plan PyTorch's cuDNN SDPA runs (0.457-0.493 ms on H100s, 0.418
+    at 4096 tokens)."""
+    import cudnn
+
+    handle = cudnn.create_handle()
+    cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, S, H, D, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    exact = F.scaled_dot_product_attention(qt.float(), kt.float(), vt.float())
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        R["torch_cudnn_bf16_ms"] = timed(lambda: F.scaled_dot_product_attention(qt, kt, vt))
+    for masked in (False, True):
+        R[f"frontend_bf16_plans_{'masked' if masked else 'unmasked'}"] = frontend_graph(
+            handle, S, False, masked, q, k, v, exact, every_plan=True)
+
+
+def blas_products():
+    """Each of a layer's bf16 products at the step's 4128 tokens and at 4096, with cuBLAS (torch's
+    default) and with cuBLASLt preferred (`torch.backends.cuda.preferred_blas_library`), q/k/v
+    also as one stacked product: whether either library's pick gains where 4128 rows fit the
+    tiles worst (the 3840-wide products: 714 TFLOPS at 4128 against 774 at 4096, session 10)."""
+    before = torch.backends.cuda.preferred_blas_library()
+    shapes = {"q_k_v_or_out": (3840, 3840), "w1_or_w3": (3840, 10240), "w2": (10240, 3840),
+              "qkv_stacked": (3840, 11520)}
+    try:
+        for m in (S, 4096):
+            for name, (k, n) in shapes.items():
+                x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+                w = torch.randn(n, k, device=DEV, dtype=torch.bfloat16) / 60
+                outs = {}
+                for rep in range(2):  # the libraries alternate, each timed twice: the faster kept
+                    for lib in ("cublas", "cublaslt"):
+                        torch.backends.cuda.preferred_blas_library(lib)
+                        tag = f"blas_M{m}_{name}_{lib}_ms"
+                        R[tag] = min(R.get(tag, math.inf), timed(lambda: F.linear(x, w)))
+                        outs[lib] = F.linear(x, w)
+                R[f"blas_M{m}_{name}_TFLOPS_cublas"] = round(2 * m * k * n / R[f"blas_M{m}_{name}_cublas_ms"] / 1e9, 1)
+                R[f"blas_M{m}_{name}_equal"] = bool(torch.equal(outs["cublas"], outs["cublaslt"]))
+            for lib in ("cublas", "cublaslt"):  # a layer: q, k, v, out, w1, w3, w2
+                R[f"blas_M{m}_layer_{lib}_ms"] = round(4 * R[f"blas_M{m}_q_k_v_or_out_{lib}_ms"]
+                                                       + 2 * R[f"blas_M{m}_w1_or_w3_{lib}_ms"]
+                                                       + R[f"blas_M{m}_w2_{lib}_ms"], 4)
+    finally:
+        torch.backends.cuda.preferred_blas_library(before)
+
+
 def run_parts(parts, results: dict, filename: str) -> None:
     """Each part in turn (a failure recorded, the rest still run), then `results` as JSON in $OUT."""
     for part in parts:
@@ -177,7 +245,9 @@ def run_parts(parts, results: dict, filename: str) -> None:
 
 
 def main():
-    run_parts((attention, products), R, "attention_shapes.json")
+    parts = (attention, products, bf16_plans, blas_products)
+    wanted = os.environ.get("PARTS", ",".join(p.__name__ for p in parts)).split(",")
+    run_parts([p for p in parts if p.__name__ in wanted], R, "attention_shapes.json")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ new resolution; VAE decode time and peak at 1024² and 2048²; compiled blocks w
                                      # CONFIGS=label,label (a subset), PROFILE=compiled_bf16,compiled_fp8
                                      # (kernel tables), PARTS=resolutions,decodes,run_diffusers,
                                      # PLAIN_KERNELS=silu_gate,norm_rope (eager and compiled
-                                     # bf16 again without those modules' Triton kernels)
+                                     # bf16 again without those modules' Triton kernels),
+                                     # BLAS_AB=1 (eager bf16 again with cuBLASLt preferred)
+Each timed run also records nvidia-smi's SM clock and power, and how often the power cap slowed it.
 Without a GPU it runs a smoke test of itself on tiny random models (64x64, CPU).
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from full_size_files import OUT, TOKENIZER, WORK, write  # noqa: E402  (also puts the repo on sys.path)
+from smi_clocks import SmiClocks  # noqa: E402
 
 from loaders.component_loading import use_diffusers_forwards  # noqa: E402
 from loaders.generation import decode, denoise  # noqa: E402
@@ -95,19 +98,21 @@ def run_pack(parts, pos, label, attention="sdpa", compile_blocks=False, matmul="
            "plan": parts.runtime.plan.summary(), "first_image_denoise_s": round(time.perf_counter() - t0, 2),
            "graphs_compiled_first_run": first.compile_graphs, "first_step_s": round(first.first_step_s, 2)}
     t_img, t_den, sample = [], [], None
-    for s in range(1, images + 1):
-        sync()
-        t0 = time.perf_counter()
-        out, rep = denoise(parts, pos, None, latent, seed=s, **kw)
-        sync()
-        t1 = time.perf_counter()
-        img = decode(parts.vae, out)
-        sync()
-        t_img.append(time.perf_counter() - t0)
-        t_den.append(t1 - t0)
-        if s == 1:
-            sample = img
-        res["graphs_compiled_later"] = res.get("graphs_compiled_later", 0) + rep.compile_graphs
+    with SmiClocks() as clocks:
+        for s in range(1, images + 1):
+            sync()
+            t0 = time.perf_counter()
+            out, rep = denoise(parts, pos, None, latent, seed=s, **kw)
+            sync()
+            t1 = time.perf_counter()
+            img = decode(parts.vae, out)
+            sync()
+            t_img.append(time.perf_counter() - t0)
+            t_den.append(t1 - t0)
+            if s == 1:
+                sample = img
+            res["graphs_compiled_later"] = res.get("graphs_compiled_later", 0) + rep.compile_graphs
+    res["gpu_clocks"] = clocks.summary()
     res.update({"s_per_image": round(statistics.median(t_img), 3),
                 "s_per_step": round(statistics.median(t_den) / STEPS, 4),
                 "peak_reserved_GiB": round(peak_reserved() / GiB, 2)})
@@ -272,6 +277,14 @@ def main():
             label = f"{'compiled' if compiled else 'eager'}_sdpa_bf16_plain_{name}"
             images[label] = run_pack(parts, pos, label, compile_blocks=compiled)
         kernels.launch.failed = False
+    if os.environ.get("BLAS_AB") == "1" and CUDA:
+        # cuBLASLt's heuristics against cuBLAS's for the bf16 products (torch's default: cuBLAS)
+        before = torch.backends.cuda.preferred_blas_library()
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+        try:
+            images["eager_sdpa_bf16_cublaslt"] = run_pack(parts, pos, "eager_sdpa_bf16_cublaslt")
+        finally:
+            torch.backends.cuda.preferred_blas_library(before)
     ref = images.get("eager_sdpa_bf16")
     for label, img in images.items():
         if ref is not None and img is not None and label != "eager_sdpa_bf16":

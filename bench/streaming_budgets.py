@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from full_size_files import OUT, TOKENIZER, WORK, write  # noqa: E402  (also puts the repo on sys.path)
+from smi_clocks import SmiClocks  # noqa: E402
 from smi_peak import SmiPeak  # noqa: E402
 
 from loaders.component_loading import use_diffusers_forwards  # noqa: E402
@@ -116,12 +117,14 @@ def run_pack(parts, label: str, budget_gb: float, storage: str, ctx: int, total:
     latent = torch.zeros(1, 16, RES // 8, RES // 8)
     parts.text_encoder._cache.clear()
     phase_peak = {"encode": 0, "denoise": 0, "decode": 0}
+    phase_allocated = dict(phase_peak)  # beside reserved: what the planner's working-memory terms model
 
     def phase(name, fn, *a, **kw):
         torch.cuda.reset_peak_memory_stats()
         out = fn(*a, **kw)
         sync()
         phase_peak[name] = max(phase_peak[name], torch.cuda.max_memory_reserved())
+        phase_allocated[name] = max(phase_allocated[name], torch.cuda.max_memory_allocated())
         return out
 
     torch.cuda.reset_peak_memory_stats()
@@ -132,20 +135,22 @@ def run_pack(parts, label: str, budget_gb: float, storage: str, ctx: int, total:
         res["first_denoise_s"] = round(time.perf_counter() - t0, 2)  # with host copies built (packed: packing)
         t_img, t_den, t_dec, samples = [], [], [], None
         before = torch.cuda.memory_stats()
-        for s in range(1, images + 1):  # (a) new seed, cached conditioning
-            sync()
-            t0 = time.perf_counter()
-            out, rep = phase("denoise", denoise, parts, pos, None, latent, seed=s, steps=STEPS)
-            sync()
-            t1 = time.perf_counter()
-            img = phase("decode", decode, parts.vae, out)
-            sync()
-            t2 = time.perf_counter()
-            t_img.append(t2 - t0)
-            t_den.append(t1 - t0)
-            t_dec.append(t2 - t1)
-            if s == images:  # after blocks moved out for a decode came back: compared with unlimited
-                samples = (out, img)
+        with SmiClocks() as clocks:
+            for s in range(1, images + 1):  # (a) new seed, cached conditioning
+                sync()
+                t0 = time.perf_counter()
+                out, rep = phase("denoise", denoise, parts, pos, None, latent, seed=s, steps=STEPS)
+                sync()
+                t1 = time.perf_counter()
+                img = phase("decode", decode, parts.vae, out)
+                sync()
+                t2 = time.perf_counter()
+                t_img.append(t2 - t0)
+                t_den.append(t1 - t0)
+                t_dec.append(t2 - t1)
+                if s == images:  # after blocks moved out for a decode came back: compared with unlimited
+                    samples = (out, img)
+        res["gpu_clocks"] = clocks.summary()
         after = torch.cuda.memory_stats()
         # The allocator frees its cache and synchronises the device when a request meets the cap
         # (a retry); device allocations/frees mean it did not settle into its cache.
@@ -165,6 +170,7 @@ def run_pack(parts, label: str, budget_gb: float, storage: str, ctx: int, total:
                 "s_per_step": round(statistics.median(t_den) / STEPS, 4),
                 "decode_s": round(statistics.median(t_dec), 3),
                 "peak_reserved_GiB_by_phase": {k: round(v / GiB, 2) for k, v in phase_peak.items()},
+                "peak_allocated_GiB_by_phase": {k: round(v / GiB, 2) for k, v in phase_allocated.items()},
                 "planned_GiB_by_phase": {k: round(v / GiB, 2) for k, v in plan.phases.items()},
                 "peak_reserved_GiB": round(max(phase_peak.values()) / GiB, 2),
                 "peak_process_GiB_incl_context": round((max(phase_peak.values()) + ctx) / GiB, 2),

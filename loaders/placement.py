@@ -36,8 +36,12 @@ AUTO_MARGIN_BYTES = 1 * GiB  # left free under "automatic" for the desktop and o
 # Allocator slack: reserved minus allocated, measured up to 0.42 GiB in streaming runs.
 SLACK_BYTES = 512 * MiB
 # Denoise working memory: a fixed part plus bytes per token per image in the batch
-# (hidden states, the SwiGLU intermediate, attention inputs; calibrated in bench/).
-WORK_FIXED_BYTES = 256 * MiB
+# (hidden states, the SwiGLU intermediate, attention inputs). At 1024x1024 with a 32-token prompt
+# (4128 tokens) the allocator's peak above the resident blocks and buffers was 0.45-0.47 GiB at 8,
+# 6 and 4 GiB (H100, bench/results/streaming_budgets_session13_h100.json); this plans 0.55 GiB for
+# the longest prompt (4608 tokens). The fixed part was 256 MiB before: 0.2 GiB more than used,
+# which kept a block off the GPU at 8 and 6 GiB.
+WORK_FIXED_BYTES = 128 * MiB
 WORK_BYTES_PER_TOKEN = 96 * 1024
 CAPTION_TOKENS = 512  # the most a prompt can have (the pipeline's max length)
 ENCODE_WORK_BYTES = 256 * MiB  # Qwen3-4B activations for a 512-token prompt

@@ -216,7 +216,7 @@ def blas_products():
                 x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
                 w = torch.randn(n, k, device=DEV, dtype=torch.bfloat16) / 60
                 outs = {}
-                for rep in range(2):  # the libraries alternate, each timed twice: the faster kept
+                for _ in range(2):  # the libraries alternate, each timed twice: the faster kept
                     for lib in ("cublas", "cublaslt"):
                         torch.backends.cuda.preferred_blas_library(lib)
                         tag = f"blas_M{m}_{name}_{lib}_ms"

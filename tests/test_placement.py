@@ -127,9 +127,6 @@ def test_fp8_storage_halves_the_bytes_streamed_per_step(sizes):
     assert 0.49 < per_block[1] / per_block[0] < 0.52
     # fp8's three half-size staging buffers and its shared bf16 dequantisation buffer take half a
     # bf16 block more than bf16's two staging buffers: at most one block fewer stays resident
-    buffers = [3 * max(fp8._block_bytes(i, w) for i, (_, w) in enumerate(fp8.blocks) if w.value == "pinned")
-               + max(b for _, b in sizes.transformer_blocks), 2 * max(b for _, b in sizes.transformer_blocks)]
-    assert 0 < buffers[0] - buffers[1] < max(b for _, b in sizes.transformer_blocks)
     assert len(bf16.streamed) <= len(fp8.streamed) <= len(bf16.streamed) + 1
     assert fp8.phases["denoise"] <= 6 * GiB
 

@@ -119,7 +119,9 @@ def frontend_graph(handle, tokens: int, fp8: bool, masked: bool, q, k, v, exact,
     return plans
 
 
-def attention():
+def step_attention():
+    """A cuDNN handle on PyTorch's stream, random q, k, v [1, S, H, D] in bf16, their float32
+    attention, and PyTorch's cuDNN bf16 SDPA timed on them (R["torch_cudnn_bf16_*"])."""
     import cudnn
 
     R["cudnn_backend"] = cudnn.backend_version()
@@ -132,6 +134,11 @@ def attention():
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         R["torch_cudnn_bf16_ms"] = timed(lambda: F.scaled_dot_product_attention(qt, kt, vt))
         R["torch_cudnn_bf16_rel_error"] = rel_error(F.scaled_dot_product_attention(qt, kt, vt), exact)
+    return handle, q, k, v, exact
+
+
+def attention():
+    handle, q, k, v, exact = step_attention()
     for fp8 in (False, True):
         for tokens, masked in ((S, False), (S, True), (4160, True), (4224, True)):
             tag = f"frontend_{'fp8' if fp8 else 'bf16'}_{tokens}_{'masked' if masked else 'unmasked'}"
@@ -187,16 +194,7 @@ def bf16_plans():
     """Every cuDNN plan for the step's bf16 attention (4128 tokens, with and without a padding
     mask): whether one beats the plan PyTorch's cuDNN SDPA runs (0.457-0.493 ms on H100s, 0.418
     at 4096 tokens)."""
-    import cudnn
-
-    handle = cudnn.create_handle()
-    cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(1, S, H, D, device=DEV, dtype=torch.bfloat16) for _ in range(3))
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    exact = F.scaled_dot_product_attention(qt.float(), kt.float(), vt.float())
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        R["torch_cudnn_bf16_ms"] = timed(lambda: F.scaled_dot_product_attention(qt, kt, vt))
+    handle, q, k, v, exact = step_attention()
     for masked in (False, True):
         R[f"frontend_bf16_plans_{'masked' if masked else 'unmasked'}"] = frontend_graph(
             handle, S, False, masked, q, k, v, exact, every_plan=True)
